@@ -1,0 +1,336 @@
+"""Forward SDEs of Song et al. (2021): VP, sub-VP and VE, with their reverse-time counterparts.
+
+Time is continuous, ``t`` in ``[0, T]`` with ``T = 1``, a tensor of shape ``(batch,)``. Every SDE
+here has an affine Gaussian transition kernel, ``x_t = alpha(t) x_0 + sigma(t) z``; the pair
+``(alpha, sigma)`` is :meth:`SDE.marginal_coeffs`, from which ``marginal_prob``, the log-SNR and the
+Tweedie denoiser follow. The method names match the reference code (``sde_lib.py``) so that users of
+score_sde feel at home.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "ReverseSDE", "SDES", "make_sde", "batch_time", "bcast"]
+
+ScoreFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def bcast(v: Tensor, x: Tensor) -> Tensor:
+    """Reshape a per-sample vector ``v`` of shape ``(batch,)`` so that it broadcasts against ``x``."""
+    return v.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def batch_time(t: Tensor | float, x: Tensor, T: float = 1.0) -> Tensor:
+    """Validate ``t`` against ``x`` and return it as a floating tensor of shape ``(batch,)``.
+
+    A Python float or a 0-d tensor is broadcast over the batch. ``t`` is promoted to ``x``'s floating
+    dtype, so float64 inputs stay float64.
+    """
+    if x.ndim == 0:
+        raise ValueError("x must have a batch dimension: expected shape (batch, ...), got a scalar")
+    batch = x.shape[0]
+    dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
+    if not torch.is_tensor(t):
+        t = torch.full((batch,), float(t), dtype=dtype, device=x.device)
+    else:
+        if not t.is_floating_point():
+            t = t.to(dtype)
+        t = t.to(device=x.device, dtype=torch.promote_types(t.dtype, dtype))
+        if t.ndim == 0:
+            t = t.expand(batch)
+        elif t.shape != (batch,):
+            raise ValueError(
+                f"t has shape {tuple(t.shape)} but x has batch size {batch}: expected t of shape ({batch},) or a scalar"
+            )
+    check_time_range(t, T)
+    return t
+
+
+def check_time_range(t: Tensor, T: float) -> None:
+    """Raise if any entry of ``t`` lies outside ``[0, T]`` (or is NaN)."""
+    tol = 1e-6 * T
+    bad = ~((t >= -tol) & (t <= T + tol))
+    if bool(bad.any()):
+        offending = t[bad][:4].tolist()
+        raise ValueError(f"t must lie in [0, {T}] (continuous time); got values such as {offending}")
+
+
+class SDE(abc.ABC):
+    """An Ito SDE ``dx = f(x, t) dt + g(t) dw`` on ``t in [0, T]`` with a Gaussian transition kernel.
+
+    Subclasses give the drift/diffusion (:meth:`sde`), the kernel coefficients
+    (:meth:`marginal_coeffs`), the prior and its discretization.
+    """
+
+    name: str = "sde"
+
+    def __init__(self, N: int = 1000):
+        if int(N) != N or N < 1:
+            raise ValueError(f"N (number of discretization steps) must be a positive integer, got {N!r}")
+        self.N = int(N)
+
+    @property
+    def T(self) -> float:
+        """End time of the forward SDE."""
+        return 1.0
+
+    # -- the continuous process ------------------------------------------------------------------
+    @abc.abstractmethod
+    def sde(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Drift ``f(x, t)`` (shape of ``x``) and diffusion ``g(t)`` (shape ``(batch,)``)."""
+
+    @abc.abstractmethod
+    def marginal_coeffs(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``(alpha(t), sigma(t))`` with ``x_t | x_0 ~ N(alpha(t) x_0, sigma(t)^2 I)``; each of shape of ``t``."""
+
+    def marginal_prob(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean (shape of ``x``) and std (shape ``(batch,)``) of ``p_{0t}(x_t | x_0 = x)``."""
+        t = batch_time(t, x, self.T)
+        alpha, sigma = self.marginal_coeffs(t)
+        return bcast(alpha, x) * x, sigma
+
+    def log_snr(self, t: Tensor) -> Tensor:
+        """``lambda(t) = log(alpha(t)^2 / sigma(t)^2)``, decreasing in ``t``."""
+        alpha, sigma = self.marginal_coeffs(t)
+        return 2 * (torch.log(alpha) - torch.log(sigma))
+
+    @abc.abstractmethod
+    def t_from_log_snr(self, lam: Tensor) -> Tensor:
+        """Inverse of :meth:`log_snr` (closed form for every SDE here)."""
+
+    # -- prior -----------------------------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def prior_std(self) -> float:
+        """Standard deviation of the (isotropic Gaussian) prior ``p_T``."""
+
+    def prior_sampling(
+        self,
+        shape: tuple[int, ...] | torch.Size,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Tensor:
+        """Draw ``x_T ~ p_T = N(0, prior_std^2 I)`` of the given shape."""
+        if device is None and generator is not None:
+            device = generator.device
+        return self.prior_std * torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+
+    def prior_logp(self, z: Tensor) -> Tensor:
+        """``log p_T(z)`` per sample, shape ``(batch,)``."""
+        D = z[0].numel()
+        s2 = self.prior_std**2
+        return -0.5 * D * math.log(2 * math.pi * s2) - z.reshape(z.shape[0], -1).pow(2).sum(-1) / (2 * s2)
+
+    # -- discretization --------------------------------------------------------------------------
+    def _index(self, t: Tensor) -> Tensor:
+        # The reference code truncates t * (N - 1) / T to find the discrete step.
+        return (t * (self.N - 1) / self.T).long().clamp(0, self.N - 1)
+
+    def discretize(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """One step of the forward process, ``x_{i+1} = x_i + f_i(x_i) + G_i z_i``.
+
+        The base class uses Euler-Maruyama with ``dt = T / N``; VP and VE override it with the DDPM
+        and SMLD discretizations.
+        """
+        t = batch_time(t, x, self.T)
+        dt = self.T / self.N
+        drift, diffusion = self.sde(x, t)
+        return drift * dt, diffusion * math.sqrt(dt)
+
+    def reverse(self, score_fn: ScoreFn, probability_flow: bool = False) -> "ReverseSDE":
+        """The reverse-time SDE (eq. 6) or, with ``probability_flow=True``, the probability-flow ODE (eq. 13)."""
+        return ReverseSDE(self, score_fn, probability_flow)
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+    def config(self) -> dict:
+        """Constructor arguments, enough to rebuild the SDE with :func:`make_sde`."""
+        return {"name": self.name, **self._params()}
+
+    @abc.abstractmethod
+    def _params(self) -> dict: ...
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in self._params().items())
+        return f"{type(self).__name__}({args})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self._params() == other._params()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self), tuple(sorted(self._params().items()))))
+
+
+class _LinearBeta(SDE):
+    """Shared parts of VP and sub-VP: ``beta(t) = beta_min + t (beta_max - beta_min)``."""
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000):
+        super().__init__(N)
+        if not 0 < beta_min < beta_max:
+            raise ValueError(f"need 0 < beta_min < beta_max, got beta_min={beta_min}, beta_max={beta_max}")
+        self.beta_min, self.beta_max = float(beta_min), float(beta_max)
+
+    def beta(self, t: Tensor) -> Tensor:
+        return self.beta_min + t * (self.beta_max - self.beta_min)
+
+    def integrated_beta(self, t: Tensor) -> Tensor:
+        """``B(t) = int_0^t beta(s) ds``."""
+        return self.beta_min * t + 0.5 * t**2 * (self.beta_max - self.beta_min)
+
+    def t_from_integrated_beta(self, B: Tensor) -> Tensor:
+        """Inverse of :meth:`integrated_beta` (the positive root of the quadratic)."""
+        d = self.beta_max - self.beta_min
+        return 2 * B / (self.beta_min + torch.sqrt(self.beta_min**2 + 2 * d * B))
+
+    @property
+    def prior_std(self) -> float:
+        return 1.0
+
+    def _params(self) -> dict:
+        return {"beta_min": self.beta_min, "beta_max": self.beta_max, "N": self.N}
+
+
+class VPSDE(_LinearBeta):
+    """Variance-preserving SDE (eq. 11): ``dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw``, the continuous DDPM."""
+
+    name = "vp"
+
+    def sde(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        t = batch_time(t, x, self.T)
+        beta = self.beta(t)
+        return -0.5 * bcast(beta, x) * x, torch.sqrt(beta)
+
+    def marginal_coeffs(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        B = self.integrated_beta(t)
+        # -expm1(-B) keeps sigma accurate for small t, where 1 - exp(-B) cancels.
+        return torch.exp(-0.5 * B), torch.sqrt(-torch.expm1(-B))
+
+    def log_snr(self, t: Tensor) -> Tensor:
+        B = self.integrated_beta(t)
+        return -B - torch.log(-torch.expm1(-B))
+
+    def t_from_log_snr(self, lam: Tensor) -> Tensor:
+        # alpha^2 = sigmoid(lam) = exp(-B)  =>  B = softplus(-lam)
+        return self.t_from_integrated_beta(torch.nn.functional.softplus(-lam))
+
+    def discrete_betas(self, device=None, dtype=torch.float64) -> Tensor:
+        """DDPM's ``beta_i = (beta_min + i/(N-1) (beta_max - beta_min)) / N``, ``i = 0..N-1``."""
+        return torch.linspace(self.beta_min / self.N, self.beta_max / self.N, self.N, device=device, dtype=dtype)
+
+    def discretize(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """DDPM discretization: ``f = sqrt(1 - beta_i) x - x``, ``G = sqrt(beta_i)``."""
+        t = batch_time(t, x, self.T)
+        beta = self.discrete_betas(t.device, t.dtype)[self._index(t)]
+        return bcast(torch.sqrt(1 - beta), x) * x - x, torch.sqrt(beta)
+
+
+class SubVPSDE(_LinearBeta):
+    """Sub-VP SDE (eq. 11 of Song et al. 2021, App. B): diffusion ``sqrt(beta(t) (1 - exp(-2 B(t))))``."""
+
+    name = "subvp"
+
+    def sde(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        t = batch_time(t, x, self.T)
+        beta = self.beta(t)
+        discount = -torch.expm1(-2 * self.integrated_beta(t))
+        return -0.5 * bcast(beta, x) * x, torch.sqrt(beta * discount)
+
+    def marginal_coeffs(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        B = self.integrated_beta(t)
+        return torch.exp(-0.5 * B), -torch.expm1(-B)
+
+    def t_from_log_snr(self, lam: Tensor) -> Tensor:
+        # a = exp(-B/2) solves k a^2 + a - k = 0 with k = exp(lam / 2); written to avoid cancellation.
+        k = torch.exp(0.5 * lam)
+        a = 2 * k / (1 + torch.sqrt(1 + 4 * k**2))
+        return self.t_from_integrated_beta(-2 * torch.log(a))
+
+
+class VESDE(SDE):
+    """Variance-exploding SDE (eq. 9): ``dx = sigma(t) sqrt(2 log(sigma_max / sigma_min)) dw``, the continuous SMLD."""
+
+    name = "ve"
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, N: int = 1000):
+        super().__init__(N)
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+
+    def sigma(self, t: Tensor) -> Tensor:
+        """``sigma(t) = sigma_min (sigma_max / sigma_min)^t``."""
+        return self.sigma_min * (self.sigma_max / self.sigma_min) ** t
+
+    def sde(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        t = batch_time(t, x, self.T)
+        g = self.sigma(t) * math.sqrt(2 * (math.log(self.sigma_max) - math.log(self.sigma_min)))
+        return torch.zeros_like(x), g
+
+    def marginal_coeffs(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.ones_like(t), self.sigma(t)
+
+    def t_from_log_snr(self, lam: Tensor) -> Tensor:
+        return (-0.5 * lam - math.log(self.sigma_min)) / math.log(self.sigma_max / self.sigma_min)
+
+    @property
+    def prior_std(self) -> float:
+        return self.sigma_max
+
+    def discrete_sigmas(self, device=None, dtype=torch.float64) -> Tensor:
+        """SMLD's geometric noise levels ``sigma_i``, ``i = 0..N-1``."""
+        return torch.exp(
+            torch.linspace(math.log(self.sigma_min), math.log(self.sigma_max), self.N, device=device, dtype=dtype)
+        )
+
+    def discretize(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """SMLD discretization: ``f = 0``, ``G = sqrt(sigma_i^2 - sigma_{i-1}^2)`` (``sigma_{-1} = 0``)."""
+        t = batch_time(t, x, self.T)
+        i = self._index(t)
+        sigmas = self.discrete_sigmas(t.device, t.dtype)
+        prev = torch.where(i == 0, torch.zeros_like(t), sigmas[(i - 1).clamp(min=0)])
+        return torch.zeros_like(x), torch.sqrt(sigmas[i] ** 2 - prev**2)
+
+    def _params(self) -> dict:
+        return {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "N": self.N}
+
+
+class ReverseSDE:
+    """Reverse-time SDE ``dx = [f - g^2 score] dt + g dw_bar`` (eq. 6), or the probability-flow ODE
+    ``dx/dt = f - 1/2 g^2 score`` (eq. 13) when ``probability_flow`` is set. Time still runs forward
+    in ``t``; samplers integrate it from ``T`` down to ``eps``."""
+
+    def __init__(self, forward: SDE, score_fn: ScoreFn, probability_flow: bool = False):
+        self.forward, self.score_fn, self.probability_flow = forward, score_fn, probability_flow
+        self.N, self.T = forward.N, forward.T
+
+    def sde(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        t = batch_time(t, x, self.T)
+        drift, g = self.forward.sde(x, t)
+        weight = 0.5 if self.probability_flow else 1.0
+        drift = drift - bcast(g**2, x) * self.score_fn(x, t) * weight
+        return drift, torch.zeros_like(g) if self.probability_flow else g
+
+    def discretize(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Reverse of the forward discretization: ``f_rev = f - G^2 s`` (halved for the ODE), ``G_rev = G``."""
+        t = batch_time(t, x, self.T)
+        f, G = self.forward.discretize(x, t)
+        weight = 0.5 if self.probability_flow else 1.0
+        f = f - bcast(G**2, x) * self.score_fn(x, t) * weight
+        return f, torch.zeros_like(G) if self.probability_flow else G
+
+
+SDES: dict[str, type[SDE]] = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
+
+
+def make_sde(name: str, **kwargs) -> SDE:
+    """Build an SDE by name (``"vp"``, ``"subvp"``, ``"ve"``) with its constructor arguments."""
+    key = name.lower().replace("-", "").replace("_", "")
+    if key not in SDES:
+        raise ValueError(f"unknown SDE {name!r}; valid names are {sorted(SDES)}")
+    return SDES[key](**kwargs)
