@@ -1,0 +1,150 @@
+"""Safe, atomic persistence: safetensors for tensors, JSON for everything else, nothing unpickled.
+
+Every writer goes through :func:`atomic_path` (write to a temporary name in the same directory, then
+``os.replace``), so a crash mid-write never leaves a truncated file under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+from torch import Tensor
+
+__all__ = [
+    "atomic_path",
+    "atomic_dir",
+    "save_json",
+    "load_json",
+    "save_tensors",
+    "load_tensors",
+    "save_checkpoint",
+    "load_checkpoint",
+    "optimizer_to_tensors",
+    "optimizer_from_tensors",
+]
+
+META_KEY = "scorekit"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it is renamed onto ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory next to ``path``; on success it replaces ``path`` by a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def save_json(obj: Any, path: str | os.PathLike) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def load_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the file is corrupt or not a scorekit file") from e
+
+
+def save_tensors(tensors: dict[str, Tensor], path: str | os.PathLike, meta: dict | None = None) -> None:
+    """Save a flat ``name -> tensor`` dict as safetensors, with ``meta`` (JSON) in the header, atomically."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    header = {META_KEY: json.dumps(meta if meta is not None else {})}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+
+
+def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, Tensor], dict]:
+    """Load a file written by :func:`save_tensors`: ``(tensors, meta)``.
+
+    Raises a ``ValueError`` that names the file when it is not safetensors (corrupt, pickled, foreign)
+    or carries no scorekit metadata.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such checkpoint file: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        tensors = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({e}); expected a checkpoint written by scorekit "
+            "(pickled .pt/.ckpt files are refused on purpose)"
+        ) from e
+    if META_KEY not in header:
+        raise ValueError(
+            f"{path} is a safetensors file but not a scorekit checkpoint (no '{META_KEY}' metadata); "
+            "for diffusers weights use scorekit.from_diffusers"
+        )
+    return tensors, json.loads(header[META_KEY])
+
+
+def save_checkpoint(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict) -> None:
+    """Alias of :func:`save_tensors` for single-file checkpoints."""
+    save_tensors(tensors, path, meta)
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, Tensor], dict]:
+    """Alias of :func:`load_tensors` for single-file checkpoints."""
+    return load_tensors(path, device)
+
+
+def optimizer_to_tensors(state: dict) -> tuple[dict[str, Tensor], dict]:
+    """Split a torch optimizer ``state_dict`` into tensors (safetensors) and a JSON-able remainder."""
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, per_param in state["state"].items():
+        for key, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_tensors(tensors: dict[str, Tensor], rest: dict) -> dict:
+    """Inverse of :func:`optimizer_to_tensors`."""
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    for idx, values in rest.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(values)
+    return {"state": state, "param_groups": rest["param_groups"]}

@@ -1,0 +1,33 @@
+"""Subcommands of the ``scorekit`` CLI, one module each (``add_parser(subparsers)``, ``run(args)``)."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["add_config_args", "load_run_config"]
+
+
+def add_config_args(p: argparse.ArgumentParser, default_config: str | None = None) -> None:
+    """``--config``, ``--out_dir``, ``--mixed_precision``, ``--seed`` and trailing ``section.key=value`` overrides."""
+    p.add_argument("--config", "--config_file", "--config-file", dest="config", default=default_config,
+                   required=default_config is None, help="YAML run config (see configs/)")
+    p.add_argument("--out_dir", "--out-dir", dest="out_dir", default=None, help="output directory (overrides out_dir)")
+    p.add_argument("--mixed_precision", "--mixed-precision", dest="mixed_precision", default=None,
+                   choices=["auto", "no", "fp16", "bf16"], help="as accelerate launch's --mixed_precision")
+    p.add_argument("--seed", type=int, default=None, help="overrides training.seed")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides, e.g. training.steps=500 sampling.n=16")
+
+
+def load_run_config(args: argparse.Namespace):
+    """The run config named by ``args.config`` with the command-line overrides applied."""
+    from ..config import RunConfig, load_config
+
+    overrides = list(args.overrides)
+    if args.out_dir is not None:
+        overrides.append(f"out_dir={args.out_dir}")
+    if args.mixed_precision is not None:
+        overrides.append(f"training.mixed_precision={args.mixed_precision}")
+    if args.seed is not None:
+        overrides.append(f"training.seed={args.seed}")
+    return load_config(args.config, RunConfig, overrides)

@@ -1,0 +1,204 @@
+"""Denoising score matching against its closed form, and the Trainer: resume, EMA, NaN guard, 2 processes."""
+
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import integrate
+from torch import nn
+
+from scorekit import VESDE, VPSDE, ScoreModel
+from scorekit.checkpoint import load_tensors, save_tensors
+from scorekit.data import imbalanced_mixture
+from scorekit.losses import dsm_loss, make_dsm_loss
+from scorekit.nets import MLP
+from scorekit.training import TrainConfig, Trainer, latest_checkpoint, load_weights
+
+
+@pytest.mark.parametrize("sde", [VPSDE(), VESDE(sigma_max=5)], ids=["vp", "ve"])
+@pytest.mark.parametrize("likelihood_weighting", [False, True])
+def test_dsm_loss_with_the_exact_score_equals_its_closed_form(sde, likelihood_weighting):
+    """Data N(0, s^2 I): the exact score is -x / (alpha^2 s^2 + sigma^2), and per dimension
+    E||sigma s + z||^2 = alpha^2 s^2 / (alpha^2 s^2 + sigma^2); likelihood weighting multiplies by g^2/sigma^2."""
+    s, eps, n = 0.8, 1e-3, 400000
+
+    def coeffs(t):
+        a, sig = sde.marginal_coeffs(torch.tensor(t, dtype=torch.float64))
+        g2 = sde.sde(torch.zeros(1, 1, dtype=torch.float64), torch.tensor([t], dtype=torch.float64))[1] ** 2
+        return a.item(), sig.item(), g2.item()
+
+    def integrand(t):
+        a, sig, g2 = coeffs(t)
+        base = a**2 * s**2 / (a**2 * s**2 + sig**2)
+        return base * (g2 / sig**2 if likelihood_weighting else 1.0)
+
+    expected = integrate.quad(integrand, eps, 1.0, limit=200, points=[0.01, 0.1])[0] / (1 - eps)
+
+    def score(x, t):
+        a, sig = sde.marginal_coeffs(t)
+        return -x / (a**2 * s**2 + sig**2)[:, None]
+
+    g = torch.Generator().manual_seed(0)
+    x0 = s * torch.randn(n, 2, generator=g, dtype=torch.float64)
+    # per-sample losses to get a standard error for the Monte-Carlo comparison
+    per = torch.stack([
+        dsm_loss(score, sde, x0[i : i + 1000], generator=g, eps=eps, likelihood_weighting=likelihood_weighting)
+        for i in range(0, n, 1000)
+    ])
+    se = per.std().item() / np.sqrt(len(per))
+    assert abs(per.mean().item() - expected) < 4 * se, (per.mean().item(), expected, se)
+    # reduce="sum" is D times reduce="mean" on the same draws
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    m = dsm_loss(score, sde, x0[:64], generator=g1, reduce="mean")
+    sm = dsm_loss(score, sde, x0[:64], generator=g2, reduce="sum")
+    torch.testing.assert_close(sm, 2 * m)
+
+
+def _mixture_trainer(out_dir, steps=30, **cfg):
+    sde = VPSDE()
+    torch.manual_seed(0)
+    model = ScoreModel(MLP(2, hidden=32, depth=1), sde)
+    x = imbalanced_mixture().sample(512, torch.Generator().manual_seed(0))
+    config = TrainConfig(steps=steps, batch_size=64, lr=1e-3, progress=False, **cfg)
+    return Trainer(model, make_dsm_loss(sde), x, config, out_dir=out_dir)
+
+
+def test_resume_is_bit_for_bit(tmp_path):
+    full = _mixture_trainer(tmp_path / "full", checkpoint_every=10)
+    full.train()
+    part = _mixture_trainer(tmp_path / "part", checkpoint_every=10)
+    part.train(steps=20)
+    resumed = _mixture_trainer(tmp_path / "part", checkpoint_every=10)
+    resumed.train()
+    assert resumed.history == full.history
+    for a, b in zip(full.unwrapped.state_dict().values(), resumed.unwrapped.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(full.ema.state_dict().values(), resumed.ema.state_dict().values()):
+        assert torch.equal(a, b)
+    # keep_checkpoints=2 prunes older ones; the newest is the final step
+    names = sorted(p.name for p in (tmp_path / "part" / "checkpoints").iterdir())
+    assert names == ["step-00000020", "step-00000030"]
+    weights, state = load_weights(tmp_path / "part")
+    assert state["step"] == 30 and state["meta"] == {}
+
+
+def test_ema_follows_its_recursion(tmp_path):
+    seen = []
+
+    class Scalar(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return ((x - self.w) ** 2).mean()
+
+    cfg = TrainConfig(steps=25, batch_size=4, lr=0.1, ema_decay=0.9, grad_clip=None, progress=False)
+    trainer = Trainer(Scalar(), lambda m, b, g: m(b), torch.ones(16, 1), cfg,
+                      callbacks=[lambda tr: seen.append(tr.unwrapped.w.detach().clone())])
+    trainer.train()
+    ema = torch.zeros(1)
+    for step, w in enumerate(seen):
+        decay = min(0.9, (1 + step + 1) / (10 + step + 1))
+        ema = decay * ema + (1 - decay) * w
+    torch.testing.assert_close(trainer.ema.w, ema)
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
+    sde = VPSDE()
+    calls = {"n": 0}
+
+    def loss_fn(model, batch, g):
+        calls["n"] += 1
+        loss = dsm_loss(model, sde, batch, generator=g)
+        return loss * float("nan") if calls["n"] == 13 else loss
+
+    torch.manual_seed(0)
+    model = ScoreModel(MLP(2, hidden=16, depth=1), sde)
+    cfg = TrainConfig(steps=20, batch_size=16, checkpoint_every=5, progress=False)
+    trainer = Trainer(model, loss_fn, torch.randn(64, 2), cfg, out_dir=tmp_path)
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 13.*last good checkpoint is .*step-00000010"):
+        trainer.train()
+    assert latest_checkpoint(tmp_path).name == "step-00000010"
+    assert trainer.step == 12
+
+
+def test_checkpoints_are_never_unpickled(tmp_path):
+    pickled = tmp_path / "evil.safetensors"
+    pickled.write_bytes(pickle.dumps({"w": torch.zeros(2)}))
+    with pytest.raises(ValueError, match="not a readable safetensors file.*pickled"):
+        load_tensors(pickled)
+    corrupt = tmp_path / "model.safetensors"
+    save_tensors({"w": torch.zeros(3)}, corrupt)
+    corrupt.write_bytes(corrupt.read_bytes()[:-4])
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_tensors(corrupt)
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(ValueError, match="not a scorekit checkpoint"):
+        load_tensors(tmp_path / "foreign.safetensors")
+    with pytest.raises(FileNotFoundError, match="no scorekit checkpoint found"):
+        load_weights(tmp_path / "nothing")
+
+
+def test_resume_into_a_different_model_names_the_mismatch(tmp_path):
+    _mixture_trainer(tmp_path, steps=5).train()
+    sde = VPSDE()
+    other = ScoreModel(MLP(2, hidden=48, depth=1), sde)
+    trainer = Trainer(other, make_dsm_loss(sde), torch.randn(64, 2), TrainConfig(steps=6, progress=False),
+                      out_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"model.safetensors does not match the model: .*shape mismatches"):
+        trainer.train()
+
+
+def test_bad_config_and_data():
+    with pytest.raises(ValueError, match="unknown mixed_precision 'fp12'"):
+        TrainConfig(mixed_precision="fp12")
+    with pytest.raises(ValueError, match="ema_decay must lie in"):
+        TrainConfig(ema_decay=1.0)
+    with pytest.raises(ValueError, match="share their first dimension"):
+        Trainer(MLP(2), lambda m, b, g: 0, (torch.zeros(4, 2), torch.zeros(3)), TrainConfig(progress=False))
+    frozen = MLP(2).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        Trainer(frozen, lambda m, b, g: 0, torch.zeros(4, 2), TrainConfig(progress=False))
+
+
+SCRIPT = """
+import sys, torch
+from scorekit import VPSDE, ScoreModel
+from scorekit.nets import MLP
+from scorekit.losses import make_dsm_loss
+from scorekit.training import Trainer, TrainConfig
+sde = VPSDE(); torch.manual_seed(0)
+x = torch.randn(256, 2, generator=torch.Generator().manual_seed(0))
+tr = Trainer(ScoreModel(MLP(2, hidden=16, depth=1), sde), make_dsm_loss(sde), x,
+             TrainConfig(steps=8, batch_size=16, progress=False, checkpoint_every=4), out_dir=sys.argv[1])
+tr.train()
+flat = torch.cat([p.detach().flatten() for p in tr.unwrapped.parameters()])
+gathered = tr.accelerator.gather(flat[None])
+if tr.is_main:
+    print("WORLD", tr.accelerator.num_processes, "MAXDIFF", (gathered - gathered[0]).abs().max().item())
+"""
+
+
+def test_two_process_run(tmp_path):
+    """Runs unchanged under a 2-process launcher (torchrun, gloo on CPU): replicas stay identical."""
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(SCRIPT))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("WORLD"))
+    assert line.split()[1] == "2" and float(line.split()[3]) == 0.0
+    ckpt = Path(latest_checkpoint(tmp_path / "run"))
+    assert {"rank-0.safetensors", "rank-1.safetensors", "state.json"} <= {p.name for p in ckpt.iterdir()}
