@@ -272,12 +272,14 @@ def build_data(cfg: DataConfig) -> tuple[Tensor, Tensor | None]:
                 raise ValueError("data.rare_class needs data.rare_share (the rare class's share, e.g. 0.05)")
             x, y = make_imbalanced(x, y, cfg.rare_class, cfg.rare_share, seed=cfg.seed)
         return x, y
+    # synthetic sets: the test split is an independent draw
+    seed = cfg.seed + (1 if cfg.split == "test" else 0)
     if cfg.name == "mixture":
         gm: GaussianMixture = imbalanced_mixture()
-        x, y = gm.sample(cfg.n, torch.Generator().manual_seed(cfg.seed), return_labels=True)
+        x, y = gm.sample(cfg.n, torch.Generator().manual_seed(seed), return_labels=True)
         return x, y
     if cfg.name in TOY_SETS:
-        return toy_2d(cfg.name, cfg.n, seed=cfg.seed), None
+        return toy_2d(cfg.name, cfg.n, seed=seed), None
     raise ValueError(f"unknown data set {cfg.name!r}; valid names are {list(DATASETS)}")
 
 

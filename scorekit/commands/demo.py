@@ -1,0 +1,147 @@
+"""``scorekit demo``: the whole loop on scikit-learn's digits in a few minutes on a laptop CPU.
+
+Trains a VP score model on the digits training split, samples with the predictor-corrector sampler,
+the probability-flow ODE (dopri5) and DPM-Solver++(2M), and writes to ``--out_dir``:
+``data.png`` (held-out digits), ``samples_<sampler>.png``, ``overview.png`` (all side by side),
+``loss.png``, and ``metrics.md`` / ``metrics.json`` (FD-digits, k-NN precision/recall, Vendi score
+against held-out digits, with the NFE and time each sampler took).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+# The demo's run: an MLP score network (on 8x8 digits it learns as well as a small UNet at a fraction
+# of the CPU time), VP SDE, DSM with the reference's weighting.
+DEMO_CONFIG = {
+    "sde": {"name": "vp"},
+    "model": {"net": "mlp", "options": {"hidden": 512, "depth": 4}},
+    "data": {"name": "digits", "split": "train"},
+    "training": {"steps": 4000, "batch_size": 128, "lr": 1e-3, "warmup": 100, "ema_decay": 0.999,
+                 "checkpoint_every": 1000},
+    "sampling": {"n": 256, "steps": 500, "predictor": "reverse_diffusion", "corrector": "langevin", "snr": 0.16},
+    "out_dir": "outputs/demo",
+}
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("demo", help="train on digits, sample with PC/ODE/DPM-Solver, write pictures and metrics",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="a run config to use instead of the built-in demo config")
+    p.add_argument("--out_dir", "--out-dir", dest="out_dir", default=None)
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 4000)")
+    p.add_argument("--n", type=int, default=None, help="samples per sampler (default 256)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    return p
+
+
+def _config(args):
+    from ..config import RunConfig, apply_overrides, from_dict, load_config
+
+    overrides = list(args.overrides)
+    for key, value in (("out_dir", args.out_dir), ("training.steps", args.steps), ("sampling.n", args.n),
+                       ("training.seed", args.seed)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.config:
+        return load_config(args.config, RunConfig, overrides)
+    import copy
+
+    return from_dict(RunConfig, apply_overrides(copy.deepcopy(DEMO_CONFIG), overrides))
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from samplers import count_nfe, ode_sample, pc_sample
+
+    from ..checkpoint import save_json
+    from ..data import load_digits
+    from ..metrics import digits_metrics
+    from ..viz import plot_loss, save_image_grid
+    from .train import make_trainer
+
+    cfg = _config(args)
+    out = Path(cfg.out_dir)
+    print(f"[1/3] training a {cfg.sde.name.upper()} score model ({cfg.model.net}) on digits for {cfg.training.steps} steps")
+    trainer = make_trainer(cfg)
+    t0 = time.perf_counter()
+    trainer.train()
+    train_s = time.perf_counter() - t0
+    plot_loss(trainer.history, out / "loss.png", title="denoising score matching loss (digits, VP)")
+
+    model = trainer.ema.eval().requires_grad_(False)
+    sde, s = model.sde, cfg.sampling
+    shape = (s.n, *model.data_shape)
+    runs = {
+        f"PC ({s.predictor} + {s.corrector}, {s.steps} steps)": ("pc", lambda f, g: pc_sample(
+            f, sde, shape, predictor=s.predictor, corrector=s.corrector, snr=s.snr, steps=s.steps, eps=s.eps,
+            generator=g, progress=True)),
+        "probability-flow ODE (dopri5, rtol=atol=1e-5)": ("ode", lambda f, g: ode_sample(
+            f, sde, shape, method="dopri5", eps=s.eps, generator=g)),
+        "DPM-Solver++(2M), 20 steps": ("dpm_solver_2m", lambda f, g: ode_sample(
+            f, sde, shape, method="dpm_solver_2m", steps=20, eps=s.eps, generator=g)),
+    }
+    x_test, _ = load_digits("test")
+    reference = x_test[: max(s.n, 256)]
+    x_train, _ = load_digits("train")
+    rows = {"held-out digits (reference)": {**digits_metrics(x_train[: len(reference)], reference), "nfe": 0,
+                                            "seconds": 0.0}}
+    samples = {}
+    print(f"[2/3] sampling {s.n} digits with each sampler")
+    for name, (key, sample) in runs.items():
+        counter = count_nfe(model)
+        g = torch.Generator().manual_seed(s.seed)
+        t1 = time.perf_counter()
+        x = sample(counter, g).clamp(-1, 1)
+        seconds = time.perf_counter() - t1
+        samples[key] = x
+        save_image_grid(x[:100], out / f"samples_{key}.png", nrow=10)
+        rows[name] = {**digits_metrics(x, reference), "nfe": counter.samples / s.n, "seconds": seconds}
+        print(f"      {name}: {seconds:.1f}s, FD-digits {rows[name]['fd_digits']:.2f}")
+    save_image_grid(reference[:100], out / "data.png", nrow=10)
+    _overview({"held-out digits": reference[:100], **{k: v[:100] for k, v in samples.items()}}, out / "overview.png")
+
+    print("[3/3] metrics against held-out digits")
+    table = _table(rows, train_s, cfg.training.steps)
+    (out / "metrics.md").write_text(table + "\n")
+    save_json({"train_seconds": train_s, "samplers": rows}, out / "metrics.json")
+    print(table)
+    print(f"\nwrote {', '.join(sorted(p.name for p in out.iterdir() if p.is_file()))} to {out}/")
+    return 0
+
+
+def _table(rows: dict, train_s: float, steps: int) -> str:
+    keys = next(iter(rows.values())).keys()
+    metric_keys = [k for k in keys if k not in ("nfe", "seconds", "vendi_reference")]
+    head = "| samples | " + " | ".join(metric_keys) + " | NFE per sample | seconds |"
+    lines = [f"Trained {steps} steps in {train_s:.0f}s. FD-digits: Frechet distance in the feature space of a digits "
+             "classifier (lower is better); precision/recall: k-NN manifolds (k=3); Vendi: effective number of "
+             "distinct samples.", "", head, "|" + "---|" * (len(metric_keys) + 3)]
+    for name, r in rows.items():
+        vals = " | ".join(f"{r[k]:.3f}" for k in metric_keys)
+        lines.append(f"| {name} | {vals} | {r['nfe']:.0f} | {r['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def _overview(grids: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..checkpoint import atomic_path
+    from ..viz import image_grid
+
+    fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.4))
+    for ax, (name, x) in zip(axes, grids.items()):
+        ax.imshow(image_grid(x, nrow=10), cmap="gray", vmin=0, vmax=255)
+        ax.set_title(name, fontsize=10)
+        ax.axis("off")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
