@@ -43,8 +43,9 @@ def batch_time(t: Tensor | float, x: Tensor, T: float = 1.0) -> Tensor:
             t = t.to(dtype)
         t = t.to(device=x.device, dtype=torch.promote_types(t.dtype, dtype))
         if t.ndim == 0:
-            t = t.expand(batch)
-        elif t.shape != (batch,):
+            check_time_range(t, T)  # once, before broadcasting
+            return t.expand(batch)
+        if t.shape != (batch,):
             raise ValueError(
                 f"t has shape {tuple(t.shape)} but x has batch size {batch}: expected t of shape ({batch},) or a scalar"
             )
@@ -54,11 +55,18 @@ def batch_time(t: Tensor | float, x: Tensor, T: float = 1.0) -> Tensor:
 
 def check_time_range(t: Tensor, T: float) -> None:
     """Raise if any entry of ``t`` lies outside ``[0, T]`` (or is NaN)."""
+    if t.numel() == 0:
+        return
     tol = 1e-6 * T
+    flat = t.detach().reshape(-1)
+    if flat.stride(0) == 0:  # a broadcast scalar: one value to check
+        flat = flat[:1]
+    lo, hi = torch.stack(torch.aminmax(flat)).tolist()  # NaN propagates and fails both tests
+    if lo >= -tol and hi <= T + tol:
+        return
     bad = ~((t >= -tol) & (t <= T + tol))
-    if bool(bad.any()):
-        offending = t[bad][:4].tolist()
-        raise ValueError(f"t must lie in [0, {T}] (continuous time); got values such as {offending}")
+    offending = t[bad][:4].tolist()
+    raise ValueError(f"t must lie in [0, {T}] (continuous time); got values such as {offending}")
 
 
 class SDE(abc.ABC):
@@ -144,6 +152,18 @@ class SDE(abc.ABC):
         drift, diffusion = self.sde(x, t)
         return drift * dt, diffusion * math.sqrt(dt)
 
+    def discretize_step(self, x: Tensor, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+        """One forward step from time ``s < t`` to ``t``, ``x_t = x_s + f + G z``, for any step size.
+
+        :meth:`discretize` fixes the step to ``T / N`` as the reference code does; samplers that take
+        ``steps != N`` steps use this instead. The base class is Euler-Maruyama with ``dt = t - s``;
+        VP and VE override it with DDPM and SMLD steps whose coefficients come from ``t`` and ``s``.
+        """
+        t, s = batch_time(t, x, self.T), batch_time(s, x, self.T)
+        drift, diffusion = self.sde(x, t)
+        dt = t - s
+        return drift * bcast(dt, x), diffusion * torch.sqrt(dt)
+
     def reverse(self, score_fn: ScoreFn, probability_flow: bool = False) -> "ReverseSDE":
         """The reverse-time SDE (eq. 6) or, with ``probability_flow=True``, the probability-flow ODE (eq. 13)."""
         return ReverseSDE(self, score_fn, probability_flow)
@@ -192,6 +212,14 @@ class _LinearBeta(SDE):
     def prior_std(self) -> float:
         return 1.0
 
+    def discrete_betas(self, device=None, dtype=torch.float64) -> Tensor:
+        """DDPM's ``beta_i = (beta_min + i/(N-1) (beta_max - beta_min)) / N``, ``i = 0..N-1``."""
+        return torch.linspace(self.beta_min / self.N, self.beta_max / self.N, self.N, device=device, dtype=dtype)
+
+    def discrete_beta(self, t: Tensor) -> Tensor:
+        """``beta_i`` of the ``N``-step DDPM schedule at the step holding ``t`` (shape of ``t``)."""
+        return self.discrete_betas(t.device, t.dtype)[self._index(t)]
+
     def _params(self) -> dict:
         return {"beta_min": self.beta_min, "beta_max": self.beta_max, "N": self.N}
 
@@ -219,15 +247,23 @@ class VPSDE(_LinearBeta):
         # alpha^2 = sigmoid(lam) = exp(-B)  =>  B = softplus(-lam)
         return self.t_from_integrated_beta(torch.nn.functional.softplus(-lam))
 
-    def discrete_betas(self, device=None, dtype=torch.float64) -> Tensor:
-        """DDPM's ``beta_i = (beta_min + i/(N-1) (beta_max - beta_min)) / N``, ``i = 0..N-1``."""
-        return torch.linspace(self.beta_min / self.N, self.beta_max / self.N, self.N, device=device, dtype=dtype)
+    @staticmethod
+    def _ddpm_step(x: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
+        return bcast(torch.sqrt(1 - beta), x) * x - x, torch.sqrt(beta)
 
     def discretize(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """DDPM discretization: ``f = sqrt(1 - beta_i) x - x``, ``G = sqrt(beta_i)``."""
         t = batch_time(t, x, self.T)
-        beta = self.discrete_betas(t.device, t.dtype)[self._index(t)]
-        return bcast(torch.sqrt(1 - beta), x) * x - x, torch.sqrt(beta)
+        return self._ddpm_step(x, self.discrete_beta(t))
+
+    def discretize_step(self, x: Tensor, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+        """DDPM step from ``s`` to ``t`` with ``1 - beta = alpha(t)^2 / alpha(s)^2 = exp(-(B(t) - B(s)))``.
+
+        This is the ``beta`` that makes the step exact for the marginals; for ``t - s = T / N`` it is
+        ``beta(t) / N`` to first order, the reference code's ``beta_i``.
+        """
+        t, s = batch_time(t, x, self.T), batch_time(s, x, self.T)
+        return self._ddpm_step(x, -torch.expm1(self.integrated_beta(s) - self.integrated_beta(t)))
 
 
 class SubVPSDE(_LinearBeta):
@@ -296,6 +332,16 @@ class VESDE(SDE):
         prev = torch.where(i == 0, torch.zeros_like(t), sigmas[(i - 1).clamp(min=0)])
         return torch.zeros_like(x), torch.sqrt(sigmas[i] ** 2 - prev**2)
 
+    def discretize_step(self, x: Tensor, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+        """SMLD step from ``s`` to ``t``: ``f = 0``, ``G = sqrt(sigma(t)^2 - sigma(s)^2)``.
+
+        ``s = 0`` stands for the clean data (``sigma = 0``), as SMLD's ``sigma_{-1} = 0``, so that a
+        sampler's last step removes the ``sigma_min`` noise too.
+        """
+        t, s = batch_time(t, x, self.T), batch_time(s, x, self.T)
+        prev = torch.where(s > 0, self.sigma(s), torch.zeros_like(s))
+        return torch.zeros_like(x), torch.sqrt(self.sigma(t) ** 2 - prev**2)
+
     def _params(self) -> dict:
         return {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "N": self.N}
 
@@ -313,7 +359,7 @@ class ReverseSDE:
         t = batch_time(t, x, self.T)
         drift, g = self.forward.sde(x, t)
         weight = 0.5 if self.probability_flow else 1.0
-        drift = drift - bcast(g**2, x) * self.score_fn(x, t) * weight
+        drift = drift - bcast(weight * g**2, x) * self.score_fn(x, t)
         return drift, torch.zeros_like(g) if self.probability_flow else g
 
     def discretize(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -321,7 +367,7 @@ class ReverseSDE:
         t = batch_time(t, x, self.T)
         f, G = self.forward.discretize(x, t)
         weight = 0.5 if self.probability_flow else 1.0
-        f = f - bcast(G**2, x) * self.score_fn(x, t) * weight
+        f = f - bcast(weight * G**2, x) * self.score_fn(x, t)
         return f, torch.zeros_like(G) if self.probability_flow else G
 
 

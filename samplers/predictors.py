@@ -1,0 +1,83 @@
+"""Predictors of the predictor-corrector sampler (Song et al. 2021, Sec. 4.2, App. E-G).
+
+A predictor takes one step of the reverse-time SDE (eq. 6) from ``t`` down to ``t_next < t``:
+``predictor(score_fn, sde, x, t, t_next, generator) -> (x_next, x_mean)``, where ``x_mean`` is the
+step without its noise (the noise-free last step returns it). ``t`` and ``t_next`` are scalars or
+tensors of shape ``(batch,)``; the functions are batch-agnostic. ``t_next = 0`` is the data.
+
+The reference code ties the discrete steps to ``N`` (``dt = -1/N``, ``beta_i``, ``sigma_i``), which is
+only right when sampling with ``N`` steps. Here every coefficient is derived from ``t`` and ``t_next``
+(:meth:`SDE.discretize_step`), so any number of steps discretizes the same process.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from scorekit.sde import SDE, VESDE, VPSDE, batch_time, bcast
+
+from ._common import ScoreFn, randn_like
+
+__all__ = ["euler_maruyama", "reverse_diffusion", "ancestral", "PREDICTORS", "Predictor"]
+
+Predictor = Callable[..., tuple[Tensor, Tensor]]
+
+
+def euler_maruyama(
+    score_fn: ScoreFn, sde: SDE, x: Tensor, t, t_next, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """Euler-Maruyama on the reverse SDE: ``x + (f - g^2 s) dt + g sqrt(-dt) z`` with ``dt = t_next - t``."""
+    t, t_next = batch_time(t, x, sde.T), batch_time(t_next, x, sde.T)
+    dt = t_next - t
+    drift, g = sde.reverse(score_fn).sde(x, t)
+    x_mean = x + drift * bcast(dt, x)
+    return x_mean + bcast(g * torch.sqrt(-dt), x) * randn_like(x, generator), x_mean
+
+
+def reverse_diffusion(
+    score_fn: ScoreFn, sde: SDE, x: Tensor, t, t_next, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """Reverse diffusion (App. E): ``x - f + G^2 s + G z``, where ``x_t = x_{t_next} + f + G z`` forward."""
+    f, G = sde.discretize_step(x, t, t_next)
+    G = bcast(G, x)
+    x_mean = x - f + G**2 * score_fn(x, batch_time(t, x, sde.T))
+    return x_mean + G * randn_like(x, generator), x_mean
+
+
+def ancestral(
+    score_fn: ScoreFn, sde: SDE, x: Tensor, t, t_next, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """Ancestral sampling (App. F): DDPM's step for VP, SMLD's for VE.
+
+    VP: ``(x + beta s) / sqrt(1 - beta) + sqrt(beta) z``; VE: ``x + (sigma^2 - sigma'^2) s +
+    sqrt(sigma'^2 (sigma^2 - sigma'^2) / sigma^2) z``, with ``sigma = sigma(t)``,
+    ``sigma' = sigma(t_next)`` and ``beta`` from :meth:`VPSDE.discretize_step`.
+    """
+    if not isinstance(sde, (VPSDE, VESDE)):
+        raise ValueError(
+            "the ancestral predictor is defined for VPSDE (DDPM) and VESDE (SMLD), "
+            f"not {type(sde).__name__}; "
+            "use 'reverse_diffusion' or 'euler_maruyama'"
+        )
+    t = batch_time(t, x, sde.T)
+    _, G = sde.discretize_step(x, t, t_next)
+    step = bcast(G**2, x)  # beta for VP, sigma^2 - sigma'^2 for VE
+    score = score_fn(x, t)
+    if isinstance(sde, VPSDE):
+        x_mean = (x + step * score) / torch.sqrt(1 - step)
+        std = torch.sqrt(step)
+    else:
+        sigma2 = bcast(sde.sigma(t) ** 2, x)
+        x_mean = x + step * score
+        std = torch.sqrt((sigma2 - step) * step / sigma2)
+    return x_mean + std * randn_like(x, generator), x_mean
+
+
+PREDICTORS: dict[str, Predictor] = {
+    "euler_maruyama": euler_maruyama,
+    "reverse_diffusion": reverse_diffusion,
+    "ancestral": ancestral,
+}
