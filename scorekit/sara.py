@@ -1,0 +1,533 @@
+"""SaRA: progressive sparse low-rank adaptation (Hu et al. 2024, arXiv 2409.06633), with a peft-like API.
+
+SaRA fine-tunes the *temporarily ineffective* entries of a pre-trained model: in every adapted weight the
+entries with the smallest magnitudes (``|w| < threshold`` in the paper, or the smallest ``fraction`` of each
+tensor here) become trainable, everything else stays frozen. Three further pieces complete the method:
+
+- a nuclear-norm penalty ``lambda_rank * ||W * M||_*`` on the sparse trainable matrix, which keeps the
+  learned update low-rank (:func:`rank_penalty`);
+- a progressive step that re-selects the trainable set once during training from the weights as they
+  are then (:func:`reselect`);
+- the *unstructured backpropagation*: the trainable values are scattered into the frozen dense weight
+  inside a custom autograd function whose backward returns only the gradient at the selected entries, so
+  neither the dense weight nor its gradient is ever kept for the optimizer.
+
+Usage mirrors peft::
+
+    model = apply_sara(model, SaRAConfig(threshold=2e-3, progressive_step=2500))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    ...  loss = task_loss + rank_penalty(model, generator)
+    save_sara(model, "adapter.safetensors")          # only the sparse values, their indices and the config
+    load_sara(fresh_model, "adapter.safetensors")     # or merge_sara(model) for a plain model
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .checkpoint import load_tensors, save_tensors
+
+__all__ = [
+    "SaRAConfig",
+    "SaRALayer",
+    "apply_sara",
+    "sara_state_dict",
+    "save_sara",
+    "load_sara",
+    "merge_sara",
+    "disable_sara",
+    "enable_sara",
+    "rank_penalty",
+    "reselect",
+]
+
+FORMAT = "scorekit-sara/1"
+SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# The authors apply the nuclear norm only to 2-D weights whose both sides exceed 64.
+RANK_MIN_SIDE = 64
+
+
+@dataclass
+class SaRAConfig:
+    """Which entries SaRA trains and how.
+
+    Exactly one of ``threshold`` (train every entry with ``|w| < threshold``, the paper's rule; the
+    authors use ``2e-3``) or ``fraction`` (train the ``ceil(fraction * numel)`` smallest-``|w|`` entries
+    of each weight tensor) must be given. ``target_modules`` follows peft: ``None`` adapts every
+    ``nn.Linear`` and ``nn.Conv1d/2d/3d`` (diffusers' attention projections ``to_q/to_k/to_v/to_out``
+    are ``nn.Linear``); a string is a regular expression that must match a module's full name; a list
+    matches module names equal to an entry or ending in ``"." + entry``. ``rank_lambda`` is the weight of
+    the nuclear-norm penalty (the authors' ``5e-4``), ``progressive_step`` the training step after which
+    :func:`reselect` runs once (the authors: 2,500 of 5,000), ``None`` for never.
+    ``unstructured_backprop=False`` builds the adapted weight with ordinary autograd ops instead of the
+    memory-saving custom function (same results; used to measure what the custom backward saves).
+    """
+
+    threshold: float | None = None
+    fraction: float | None = None
+    target_modules: str | list[str] | None = None
+    rank_lambda: float = 5e-4
+    progressive_step: int | None = None
+    unstructured_backprop: bool = True
+
+    def __post_init__(self):
+        if (self.threshold is None) == (self.fraction is None):
+            given = "both" if self.threshold is not None else "neither"
+            raise ValueError(
+                f"SaRAConfig needs exactly one of threshold= (train entries with |w| < threshold, e.g. 2e-3) "
+                f"or fraction= (train the smallest-|w| fraction of each weight, e.g. 0.1); {given} given"
+            )
+        if self.threshold is not None and not (math.isfinite(self.threshold) and self.threshold > 0):
+            raise ValueError(f"threshold must be a positive finite number, got {self.threshold}")
+        if self.fraction is not None and not 0 < self.fraction < 1:
+            raise ValueError(f"fraction must lie in (0, 1) (the share of entries trained per weight), got {self.fraction}")
+        if not (math.isfinite(self.rank_lambda) and self.rank_lambda >= 0):
+            raise ValueError(f"rank_lambda must be >= 0, got {self.rank_lambda}")
+        if self.progressive_step is not None and (isinstance(self.progressive_step, bool) or self.progressive_step < 1):
+            raise ValueError(f"progressive_step must be a positive step number or None, got {self.progressive_step}")
+        if isinstance(self.target_modules, (tuple, list)):
+            self.target_modules = [str(t) for t in self.target_modules]
+            if not self.target_modules:
+                raise ValueError("target_modules is an empty list; pass None to adapt every Linear/Conv module")
+        elif self.target_modules is not None and not isinstance(self.target_modules, str):
+            raise TypeError(f"target_modules must be None, a regex string or a list of names, got {self.target_modules!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def select(self, weight: Tensor) -> Tensor:
+        """Sorted flat indices of the ineffective entries of ``weight`` under this config's rule."""
+        mag = weight.detach().abs().reshape(-1)
+        if self.threshold is not None:
+            return torch.nonzero(mag < self.threshold).reshape(-1)
+        k = math.ceil(self.fraction * mag.numel())
+        return torch.sort(torch.topk(mag, k, largest=False).indices).values
+
+
+class _ScatterSparse(torch.autograd.Function):
+    """SaRA's unstructured backprop: ``W[idx] <- values`` in place in the frozen dense weight ``W``;
+    the backward returns ``dL/dW`` at ``idx`` only, so no dense gradient outlives the layer's backward."""
+
+    @staticmethod
+    def forward(ctx, values: Tensor, weight: Tensor, indices: Tensor, write: bool) -> Tensor:
+        if write:
+            weight.view(-1).index_put_((indices,), values)
+        ctx.save_for_backward(indices)
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad_weight: Tensor):
+        (indices,) = ctx.saved_tensors
+        return grad_weight.reshape(-1).index_select(0, indices), None, None, None
+
+
+class SaRALayer(nn.Module):
+    """A frozen ``nn.Linear``/``nn.ConvNd`` (``base_layer``) whose selected entries are trainable.
+
+    ``sara_values`` (the only ``nn.Parameter`` that trains) holds the entries at the flat indices
+    ``sara_indices``; ``sara_fixed_indices``/``sara_fixed_values`` hold entries trained before a
+    progressive re-selection and released by it (kept, frozen); ``sara_base`` the pre-trained values at
+    ``cat(fixed, trainable)`` indices, for :func:`disable_sara`. With unstructured backprop the dense weight
+    storage holds the adapted values after each forward (written only when something changed); without
+    it the dense weight stays the pre-trained one and the adapted weight is a fresh autograd tensor.
+    Attributes not found here (``in_features``, ``kernel_size``, ...) are read from ``base_layer``.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        indices: Tensor,
+        config: SaRAConfig,
+        fixed_indices: Tensor | None = None,
+        fixed_values: Tensor | None = None,
+    ):
+        super().__init__()
+        if not isinstance(base_layer, SUPPORTED):
+            raise TypeError(f"SaRA adapts {[c.__name__ for c in SUPPORTED]}, got {type(base_layer).__name__}")
+        base_layer.requires_grad_(False)
+        if not base_layer.weight.is_contiguous():
+            base_layer.weight.data = base_layer.weight.data.contiguous()
+        self.base_layer, self.config, self.enabled = base_layer, config, True
+        flat = base_layer.weight.detach().reshape(-1)
+        # int32 indices halve the index memory (and file size) for any weight below 2**31 entries.
+        index_dtype = torch.int32 if flat.numel() < 2**31 else torch.int64
+        indices = indices.to(flat.device, index_dtype)
+        fixed_indices = indices[:0] if fixed_indices is None else fixed_indices.to(flat.device, index_dtype)
+        self.sara_values = nn.Parameter(flat[indices].clone())
+        self.register_buffer("sara_indices", indices)
+        self.register_buffer("sara_fixed_indices", fixed_indices)
+        self.register_buffer(
+            "sara_fixed_values", flat[fixed_indices].clone() if fixed_values is None else fixed_values.to(flat)
+        )
+        self.register_buffer("sara_base", flat[torch.cat([fixed_indices, indices])].clone())
+        self._stamp: tuple | None = None
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+    # -- weights -----------------------------------------------------------------------------------
+    def support(self) -> Tensor:
+        """Flat indices of every entry the adapter may differ from the base at: ``cat(fixed, trainable)``."""
+        return torch.cat([self.sara_fixed_indices, self.sara_indices])
+
+    def adapted_values(self) -> Tensor:
+        return torch.cat([self.sara_fixed_values, self.sara_values])
+
+    @torch.no_grad()
+    def dense(self, adapted: bool = True) -> Tensor:
+        """A dense copy of the adapted (or, with ``adapted=False``, the pre-trained) weight."""
+        w = self.base_layer.weight.detach().clone()
+        w.view(-1)[self.support()] = self.adapted_values() if adapted else self.sara_base
+        return w
+
+    def sparse_matrix(self) -> Tensor:
+        """``W * M``: the trainable values at their positions, zeros elsewhere (differentiable)."""
+        w = self.base_layer.weight
+        return torch.zeros(w.numel(), dtype=w.dtype, device=w.device).index_put(
+            (self.sara_indices,), self.sara_values
+        ).view_as(w)
+
+    def _current_stamp(self) -> tuple:
+        tensors = (self.sara_values, self.sara_fixed_values, self.sara_base, self.base_layer.weight)
+        # _version counts in-place updates (optimizer steps, load_state_dict, EMA lerps); data_ptr
+        # catches replaced storage (.to(), .data = ...).
+        return (self.enabled,) + tuple((t._version, t.data_ptr()) for t in tensors)
+
+    def _fresh(self) -> bool:
+        """Whether the dense storage still holds what the last write put there (nothing changed since)."""
+        return self._stamp == self._current_stamp()
+
+    def _mark_written(self) -> None:
+        self._stamp = self._current_stamp()
+
+    def weight_for_forward(self) -> Tensor:
+        """The adapted weight as the forward uses it (see the class docstring for the two paths)."""
+        w = self.base_layer.weight
+        if not self.enabled:
+            if self.config.unstructured_backprop and not self._fresh():
+                with torch.no_grad():
+                    w.view(-1).index_put_((self.support(),), self.sara_base)
+                self._mark_written()
+            return w
+        if not self.config.unstructured_backprop:
+            return w.reshape(-1).index_put((self.support(),), self.adapted_values()).view_as(w)
+        write = not self._fresh()
+        if write:
+            with torch.no_grad():
+                w.view(-1).index_put_((self.sara_fixed_indices,), self.sara_fixed_values)
+        out = _ScatterSparse.apply(self.sara_values, w, self.sara_indices, write)
+        if write:
+            self._mark_written()
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        w, base = self.weight_for_forward(), self.base_layer
+        if isinstance(base, nn.Linear):
+            return F.linear(x, w, base.bias)
+        return base._conv_forward(x, w, base.bias)
+
+    # -- selection changes -------------------------------------------------------------------------
+    @torch.no_grad()
+    def set_selection(self, indices: Tensor, values: Tensor, fixed_indices: Tensor, fixed_values: Tensor,
+                      base: Tensor) -> None:
+        """Replace the selection in place (the ``sara_values`` Parameter object is kept, resized)."""
+        # Put the pre-trained values back into the dense storage first: the new support may not cover
+        # entries the unstructured backprop wrote to.
+        self.base_layer.weight.view(-1).index_put_((self.support(),), self.sara_base)
+        self.sara_values.data = values.to(self.sara_values)
+        self.sara_values.grad = None
+        self.sara_indices = indices.to(self.sara_indices)
+        self.sara_fixed_indices = fixed_indices.to(self.sara_fixed_indices)
+        self.sara_fixed_values = fixed_values.to(self.sara_fixed_values)
+        self.sara_base = base.to(self.sara_base)
+        self._stamp = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint written after a progressive re-selection holds selections of other sizes: resize
+        # to them so that resuming works (the values are then copied in by the default loader).
+        for name in ("sara_values", "sara_indices", "sara_fixed_indices", "sara_fixed_values", "sara_base"):
+            incoming, own = state_dict.get(prefix + name), getattr(self, name)
+            if incoming is not None and incoming.shape != own.shape:
+                resized = own.new_empty(incoming.shape)
+                if name == "sara_values":
+                    own.data = resized
+                else:
+                    setattr(self, name, resized)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._stamp = None
+
+    def extra_repr(self) -> str:
+        n = self.base_layer.weight.numel()
+        return (f"trainable={self.sara_indices.numel()}/{n}, fixed={self.sara_fixed_indices.numel()}, "
+                f"enabled={self.enabled}, unstructured_backprop={self.config.unstructured_backprop}")
+
+
+# -- module discovery ---------------------------------------------------------------------------------
+def _sara_layers(model: nn.Module) -> dict[str, SaRALayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, SaRALayer)}
+
+
+def _require_layers(model: nn.Module, what: str) -> dict[str, SaRALayer]:
+    layers = _sara_layers(model)
+    if not layers:
+        raise ValueError(f"{what}: the model has no SaRA adapters; call apply_sara(model, config) or load_sara first")
+    return layers
+
+
+def _matches(name: str, target: str | list[str]) -> bool:
+    if isinstance(target, str):
+        return re.fullmatch(target, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target)
+
+
+def _find_targets(model: nn.Module, target: str | list[str] | None) -> list[str]:
+    names = []
+    mha_children = {
+        f"{n}.{c}" if n else c
+        for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention) for c, _ in m.named_children()
+    }
+    for name, module in model.named_modules():
+        if target is None:
+            # nn.MultiheadAttention reads out_proj.weight directly instead of calling its forward.
+            if isinstance(module, SUPPORTED) and name not in mha_children:
+                names.append(name)
+        elif _matches(name, target):
+            if not isinstance(module, SUPPORTED) or name in mha_children:
+                raise ValueError(
+                    f"target_modules={target!r} matches module {name!r} of type {type(module).__name__}; SaRA "
+                    f"adapts {[c.__name__ for c in SUPPORTED]} (outside nn.MultiheadAttention); narrow the pattern"
+                )
+            names.append(name)
+    if not names:
+        candidates = [n for n, m in model.named_modules() if isinstance(m, SUPPORTED)]
+        shown = ", ".join(candidates[:12]) + (", ..." if len(candidates) > 12 else "")
+        what = f"target_modules={target!r} matches no module" if target is not None else "the model has no Linear/Conv module"
+        raise ValueError(f"{what}; Linear/Conv modules of this model: [{shown}]")
+    return names
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at ``name`` inside ``model``; returns the (possibly new) root."""
+    if name == "":
+        return new
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, new)
+    return model
+
+
+# -- public API ---------------------------------------------------------------------------------------
+def apply_sara(model: nn.Module, config: SaRAConfig) -> nn.Module:
+    """Adapt ``model`` in place: every target weight gets its ineffective entries as trainable values.
+
+    All parameters of ``model`` are frozen (``requires_grad=False``, as peft does), so
+    ``[p for p in model.parameters() if p.requires_grad]`` is exactly the set of sparse values. Target
+    modules whose weight has no entry under the threshold are left as they are; a threshold that
+    selects nothing anywhere is an error. Returns ``model`` (a new root only if ``model`` itself is a
+    single targeted layer).
+    """
+    if not isinstance(config, SaRAConfig):
+        raise TypeError(f"config must be a SaRAConfig, got {type(config).__name__}")
+    if _sara_layers(model):
+        raise ValueError("the model already has SaRA adapters; merge_sara(model) first, or load_sara into it")
+    names = _find_targets(model, config.target_modules)
+    selections = {name: config.select(model.get_submodule(name).weight) for name in names}
+    if not any(idx.numel() for idx in selections.values()):
+        smallest = {n: model.get_submodule(n).weight.detach().abs().min().item() for n in names}
+        where = min(smallest, key=smallest.get)
+        raise ValueError(
+            f"threshold={config.threshold} selects no weight entry in any of the {len(names)} target modules "
+            f"(the smallest |w| is {smallest[where]:.3g}, in {where!r}); raise the threshold or use fraction="
+        )
+    model.requires_grad_(False)
+    for name, idx in selections.items():
+        if idx.numel():
+            model = _replace(model, name, SaRALayer(model.get_submodule(name), idx, config))
+    return model
+
+
+def sara_state_dict(model: nn.Module) -> dict[str, Any]:
+    """The adapter alone: ``{"config": dict, "shapes": {module: weight shape}, "tensors": {...}}``.
+
+    ``tensors`` maps ``"<module>.sara_values"``/``"<module>.sara_indices"`` (trainable entries; flat
+    indices into the weight) and ``"<module>.sara_fixed_values"``/``"<module>.sara_fixed_indices"``
+    (entries released by a progressive re-selection) to detached CPU tensors.
+    """
+    layers = _require_layers(model, "sara_state_dict")
+    config = next(iter(layers.values())).config
+    tensors: dict[str, Tensor] = {}
+    shapes: dict[str, list[int]] = {}
+    for name, layer in layers.items():
+        for key in ("sara_values", "sara_indices", "sara_fixed_values", "sara_fixed_indices"):
+            tensors[f"{name}.{key}"] = getattr(layer, key).detach().cpu().clone()
+        shapes[name] = list(layer.base_layer.weight.shape)
+    return {"config": config.to_dict(), "shapes": shapes, "tensors": tensors}
+
+
+def save_sara(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write :func:`sara_state_dict` to ``path`` as safetensors (config and shapes as JSON metadata), atomically.
+
+    Indices are int32 for weights below 2**31 entries.
+    """
+    state = sara_state_dict(model)
+    save_tensors(state["tensors"], path, {"format": FORMAT, "config": state["config"], "shapes": state["shapes"]})
+
+
+def _read_adapter(state_or_path: dict[str, Any] | str | os.PathLike) -> dict[str, Any]:
+    if isinstance(state_or_path, dict):
+        return state_or_path
+    tensors, meta = load_tensors(state_or_path)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{state_or_path} is not a SaRA adapter (format {meta.get('format')!r}, expected {FORMAT!r})")
+    return {"config": meta["config"], "shapes": meta["shapes"], "tensors": tensors}
+
+
+def load_sara(model: nn.Module, state_or_path: dict[str, Any] | str | os.PathLike) -> nn.Module:
+    """Put an adapter (from :func:`sara_state_dict` or a file of :func:`save_sara`) into ``model``.
+
+    ``model`` is either the plain base model (its target modules are wrapped with the adapter's
+    selection) or one already adapted with the same modules (its selection and values are replaced).
+    Module names and weight shapes must match; errors name the module. Returns ``model``.
+    """
+    state = _read_adapter(state_or_path)
+    config = SaRAConfig(**state["config"])
+    tensors, shapes = state["tensors"], state["shapes"]
+    existing = _sara_layers(model)
+    extra = sorted(set(existing) - set(shapes))
+    if extra:
+        raise ValueError(f"the model has SaRA modules the adapter does not cover: {extra[:5]}")
+    plan = {}
+    for name, shape in shapes.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(
+                f"the adapter has module {name!r} but the model has no module of that name; was the adapter "
+                f"made for another architecture (or for a model wrapped differently, e.g. ScoreModel vs its .net)?"
+            ) from None
+        base = module.base_layer if isinstance(module, SaRALayer) else module
+        if not isinstance(base, SUPPORTED):
+            raise ValueError(f"module {name!r} is a {type(base).__name__}; the adapter expects a Linear/Conv layer there")
+        if list(base.weight.shape) != list(shape):
+            raise ValueError(
+                f"module {name!r} has a weight of shape {tuple(base.weight.shape)} but the adapter was made for "
+                f"{tuple(shape)}"
+            )
+        parts = {}
+        for key in ("sara_values", "sara_indices", "sara_fixed_values", "sara_fixed_indices"):
+            if f"{name}.{key}" not in tensors:
+                raise ValueError(f"the adapter lacks tensor {name}.{key}; the file is incomplete")
+            parts[key] = tensors[f"{name}.{key}"]
+        n = base.weight.numel()
+        for v, i in (("sara_values", "sara_indices"), ("sara_fixed_values", "sara_fixed_indices")):
+            if parts[v].numel() != parts[i].numel():
+                raise ValueError(f"module {name!r}: {parts[v].numel()} values for {parts[i].numel()} indices")
+            if parts[i].numel() and (parts[i].min() < 0 or parts[i].max() >= n):
+                raise ValueError(f"module {name!r}: adapter indices fall outside its weight of {n} entries")
+        plan[name] = (module, parts)
+    model.requires_grad_(False)
+    for name, (module, parts) in plan.items():
+        idx, fixed = parts["sara_indices"], parts["sara_fixed_indices"]
+        if isinstance(module, SaRALayer):
+            layer = module
+            layer.config = config
+            base_values = layer.dense(adapted=False).view(-1)
+            layer.set_selection(idx, parts["sara_values"], fixed, parts["sara_fixed_values"],
+                                base_values[torch.cat([fixed, idx]).to(base_values.device, torch.long)])
+        else:
+            layer = SaRALayer(module, idx, config, fixed, parts["sara_fixed_values"])
+            with torch.no_grad():
+                layer.sara_values.copy_(parts["sara_values"])
+            model = _replace(model, name, layer)
+    return model
+
+
+def merge_sara(model: nn.Module) -> nn.Module:
+    """Write the adapted values into the dense weights and put the original modules back.
+
+    Returns the plain model (original module types, merged weights). Its parameters stay frozen, as
+    after peft's ``merge_and_unload``; call ``model.requires_grad_()`` to train it further.
+    """
+    for name, layer in _require_layers(model, "merge_sara").items():
+        merged = layer.dense(adapted=True)
+        with torch.no_grad():
+            layer.base_layer.weight.copy_(merged)
+        model = _replace(model, name, layer.base_layer)
+    return model
+
+
+def _set_enabled(model: nn.Module, flag: bool, what: str) -> nn.Module:
+    for layer in _require_layers(model, what).values():
+        layer.enabled = flag
+    return model
+
+
+def disable_sara(model: nn.Module) -> nn.Module:
+    """Switch every adapter off: the model computes with its pre-trained weights (nothing is merged)."""
+    return _set_enabled(model, False, "disable_sara")
+
+
+def enable_sara(model: nn.Module) -> nn.Module:
+    """Switch the adapters back on after :func:`disable_sara`."""
+    return _set_enabled(model, True, "enable_sara")
+
+
+def rank_penalty(model: nn.Module, generator: torch.Generator | None = None) -> Tensor:
+    """The low-rank constraint ``lambda_rank * ||W * M||_*`` (nuclear norm of the sparse trainable matrix).
+
+    As in the authors' code, each call draws one adapted 2-D weight with both sides larger than 64 at
+    random (with ``generator``) and penalises that one; ``W * M`` holds the current trainable values at
+    their positions and zeros elsewhere, so the gradient reaches ``sara_values``. Returns a zero scalar
+    when ``rank_lambda`` is 0 or no adapted weight qualifies (small models).
+    """
+    layers = list(_require_layers(model, "rank_penalty").values())
+    lam = layers[0].config.rank_lambda
+    eligible = [
+        layer for layer in layers
+        if layer.base_layer.weight.ndim == 2 and min(layer.base_layer.weight.shape) > RANK_MIN_SIDE
+        and layer.sara_values.numel()
+    ]
+    zero = layers[0].sara_values.new_zeros(())
+    if lam == 0 or not eligible:
+        return zero
+    device = generator.device if generator is not None else torch.device("cpu")
+    pick = eligible[int(torch.randint(len(eligible), (1,), generator=generator, device=device))]
+    return lam * torch.linalg.matrix_norm(pick.sparse_matrix(), ord="nuc")
+
+
+@torch.no_grad()
+def reselect(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """SaRA's progressive step: re-select the trainable entries from the weights as they are now.
+
+    In every adapted weight the selection rule (threshold or fraction) is applied to the current adapted
+    weight. Trained entries that are still ineffective stay trainable with their values; trained entries
+    that became effective are released and kept frozen at their trained values; ineffective entries
+    that were frozen join the trainable set (with a threshold this cannot happen, since frozen entries
+    never drop below it; with a fraction it does). The adapted weight, hence every output, is unchanged.
+    The ``sara_values`` Parameter objects are kept (resized); pass ``optimizer`` to drop their stale state
+    (the authors restart the optimizer state here). Returns the new number of trainable entries.
+    """
+    total = 0
+    for layer in _require_layers(model, "reselect").values():
+        current, pretrained = layer.dense(adapted=True).view(-1), layer.dense(adapted=False).view(-1)
+        old = layer.support()
+        new = layer.config.select(current).to(old.dtype)
+        released = old[~torch.isin(old, new)]
+        layer.set_selection(new, current[new], released, current[released], pretrained[torch.cat([released, new])])
+        if optimizer is not None:
+            optimizer.state.pop(layer.sara_values, None)
+        total += new.numel()
+    return total

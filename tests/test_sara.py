@@ -1,0 +1,453 @@
+"""SaRA adapters: selection, sparse training, unstructured backprop, rank penalty, progressive step, I/O."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from scorekit import VPSDE, ScoreModel
+from scorekit.losses import dsm_loss
+from scorekit.nets import make_unet
+from scorekit.sara import (
+    SaRAConfig,
+    SaRALayer,
+    apply_sara,
+    disable_sara,
+    enable_sara,
+    load_sara,
+    merge_sara,
+    rank_penalty,
+    reselect,
+    sara_state_dict,
+    save_sara,
+)
+
+
+class Small(nn.Module):
+    """Linear + Conv2d + a 2-D weight larger than 64 on both sides (eligible for the rank penalty)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.inp = nn.Linear(4 * 16, 72)
+        self.hidden = nn.Linear(72, 80)
+        self.norm = nn.LayerNorm(80)
+        self.out = nn.Linear(80, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x)).flatten(1)
+        return self.out(self.norm(torch.tanh(self.hidden(torch.tanh(self.inp(h))))))
+
+
+def make_small(dtype=torch.float32):
+    torch.manual_seed(0)
+    return Small().to(dtype)
+
+
+def batch(dtype=torch.float32, n=16):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 1, 4, 4, generator=g, dtype=dtype), torch.randn(n, 3, generator=g, dtype=dtype)
+
+
+def trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def train(model, steps=30, lr=3e-2, penalty=False):
+    x, y = batch(next(model.parameters()).dtype)
+    opt = torch.optim.Adam(trainable(model), lr=lr)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(steps):
+        loss = (model(x) - y).pow(2).mean() + (rank_penalty(model, g) if penalty else 0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, opt
+
+
+def weights(model):
+    return {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+
+
+# -- selection ----------------------------------------------------------------------------------------
+def test_fraction_selects_the_smallest_entries_of_each_weight():
+    base = make_small()
+    model = apply_sara(copy.deepcopy(base), SaRAConfig(fraction=0.1))
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, SaRALayer)}
+    assert set(layers) == {"conv", "inp", "hidden", "out"}
+    expected = sum(math.ceil(0.1 * w.numel()) for w in weights(base).values())
+    assert sum(p.numel() for p in trainable(model)) == expected
+    assert all(p is layer.sara_values for p, layer in zip(trainable(model), layers.values()))
+    for name, layer in layers.items():
+        mag = weights(base)[name].abs().reshape(-1)
+        chosen = torch.zeros_like(mag, dtype=torch.bool)
+        chosen[layer.sara_indices] = True
+        assert mag[chosen].max() <= mag[~chosen].min()
+        torch.testing.assert_close(layer.sara_values.detach(), weights(base)[name].reshape(-1)[layer.sara_indices])
+
+
+def test_threshold_selects_entries_below_it_and_target_modules_restrict():
+    base = make_small()
+    thr = 0.02
+    model = apply_sara(copy.deepcopy(base), SaRAConfig(threshold=thr))
+    expected = sum(int((w.abs() < thr).sum()) for w in weights(base).values())
+    assert sum(p.numel() for p in trainable(model)) == expected
+    for m in model.modules():
+        if isinstance(m, SaRALayer):
+            assert (m.sara_values.abs() < thr).all()
+    only = apply_sara(copy.deepcopy(base), SaRAConfig(threshold=thr, target_modules=["hidden", "conv"]))
+    assert {n for n, m in only.named_modules() if isinstance(m, SaRALayer)} == {"hidden", "conv"}
+    regex = apply_sara(copy.deepcopy(base), SaRAConfig(threshold=thr, target_modules=r"(inp|out)"))
+    assert {n for n, m in regex.named_modules() if isinstance(m, SaRALayer)} == {"inp", "out"}
+
+
+# -- training -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ub", [True, False])
+def test_adam_trains_only_the_selected_entries(ub):
+    base = make_small()
+    model = apply_sara(copy.deepcopy(base), SaRAConfig(fraction=0.2, unstructured_backprop=ub))
+    support = {n: m.sara_indices.clone() for n, m in model.named_modules() if isinstance(m, SaRALayer)}
+    losses, _ = train(model)
+    assert losses[-1] < 0.7 * losses[0]
+    merged = merge_sara(model)
+    before, after = weights(base), weights(merged)
+    for name in before:
+        changed = (before[name] != after[name]).reshape(-1).nonzero().reshape(-1)
+        assert changed.numel() > 0
+        assert torch.isin(changed, support[name]).all(), f"{name}: entries outside the selection changed"
+    for (n, p), (_, q) in zip(base.named_parameters(), merged.named_parameters()):
+        if not n.endswith("weight") or n.startswith("norm"):
+            assert torch.equal(p, q), f"{n} should be frozen"
+
+
+def test_frozen_weights_get_no_grad_and_the_sparse_values_do():
+    model = apply_sara(make_small(), SaRAConfig(fraction=0.1))
+    x, y = batch()
+    (model(x) - y).pow(2).mean().backward()
+    for name, p in model.named_parameters():
+        if name.endswith("sara_values"):
+            assert p.grad is not None and p.grad.shape == p.shape
+        else:
+            assert not p.requires_grad and p.grad is None, name
+
+
+@pytest.mark.parametrize("ub", [True, False])
+def test_sparse_gradient_equals_dense_gradient_at_the_selected_entries(ub):
+    base = make_small(torch.float64)
+    x, y = batch(torch.float64)
+    dense = copy.deepcopy(base)
+    (dense(x) - y).pow(2).mean().backward()
+    model = apply_sara(copy.deepcopy(base), SaRAConfig(fraction=0.3, unstructured_backprop=ub))
+    (model(x) - y).pow(2).mean().backward()
+    for name, layer in model.named_modules():
+        if isinstance(layer, SaRALayer):
+            ref = dense.get_submodule(name).weight.grad.reshape(-1)[layer.sara_indices]
+            torch.testing.assert_close(layer.sara_values.grad, ref, rtol=1e-12, atol=1e-14)
+
+
+def test_both_backprop_paths_train_identically():
+    runs = []
+    for ub in (True, False):
+        model = apply_sara(make_small(torch.float64), SaRAConfig(fraction=0.2, unstructured_backprop=ub))
+        train(model, steps=10, penalty=True)
+        runs.append([p.detach().clone() for p in trainable(model)])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_repeated_forwards_before_backward_and_after_disable():
+    model = apply_sara(make_small(), SaRAConfig(fraction=0.1))
+    train(model, steps=3)
+    x, _ = batch()
+    a = model(x)
+    b = model(x)  # a second forward must not invalidate the first graph
+    (a.sum() + b.sum()).backward()
+    assert torch.equal(a, b)
+
+
+# -- rank penalty -------------------------------------------------------------------------------------
+def test_rank_penalty_is_the_nuclear_norm_of_the_sparse_matrix_of_an_eligible_weight():
+    model = apply_sara(make_small(torch.float64), SaRAConfig(fraction=0.3, rank_lambda=0.01))
+    train(model, steps=5)
+    layer = model.hidden  # 80 x 72: the only weight with both sides > 64 (inp is 72 x 64)
+    mask = torch.zeros(layer.base_layer.weight.numel(), dtype=torch.bool)
+    mask[layer.sara_indices] = True
+    wm = layer.dense().reshape(-1) * mask
+    wm = wm.view_as(layer.base_layer.weight)
+    u, s, vh = torch.linalg.svd(wm)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        for p in trainable(model):
+            p.grad = None
+        penalty = rank_penalty(model, g)
+        torch.testing.assert_close(penalty, 0.01 * s.sum())
+        penalty.backward()
+        # d||A||_*/dA = U V^T for a full-rank A
+        expected = (0.01 * (u[:, : s.numel()] @ vh)).reshape(-1)[layer.sara_indices]
+        torch.testing.assert_close(layer.sara_values.grad, expected)
+        assert all(p.grad is None for n, p in model.named_parameters() if p.requires_grad and "hidden" not in n)
+
+
+def test_rank_penalty_is_zero_without_lambda_or_eligible_weights():
+    model = apply_sara(make_small(), SaRAConfig(fraction=0.1, rank_lambda=0.0))
+    assert rank_penalty(model).item() == 0.0
+    small = apply_sara(make_small(), SaRAConfig(fraction=0.1, target_modules=["inp", "out"]))
+    assert rank_penalty(small).item() == 0.0
+
+
+# -- progressive step ---------------------------------------------------------------------------------
+def test_reselect_with_fraction_keeps_outputs_and_trained_values_and_takes_in_new_entries():
+    model = apply_sara(make_small(), SaRAConfig(fraction=0.1))
+    _, opt = train(model, steps=40, lr=0.1)
+    x, _ = batch()
+    before_out = model(x).detach()
+    before = {n: (m.sara_indices.clone(), m.sara_values.detach().clone(), m.dense())
+              for n, m in model.named_modules() if isinstance(m, SaRALayer)}
+    n_before = sum(p.numel() for p in trainable(model))
+    params = trainable(model)
+    assert reselect(model, opt) == n_before
+    assert torch.equal(model(x), before_out)
+    assert trainable(model) == params and all(p not in opt.state for p in params)
+    released_any = False
+    for name, layer in model.named_modules():
+        if not isinstance(layer, SaRALayer):
+            continue
+        old_idx, old_vals, dense = before[name]
+        new_idx = layer.sara_indices
+        assert torch.equal(new_idx, SaRAConfig(fraction=0.1).select(dense))
+        kept = torch.isin(old_idx, new_idx)
+        pos = torch.searchsorted(new_idx, old_idx[kept])
+        assert torch.equal(layer.sara_values.detach()[pos], old_vals[kept])
+        assert torch.equal(layer.sara_fixed_indices, old_idx[~kept])
+        assert torch.equal(layer.sara_fixed_values, old_vals[~kept])
+        released_any |= bool((~kept).any())
+    assert released_any
+    train(model, steps=3)  # the optimizer keeps working with the resized parameters
+
+
+def test_reselect_with_threshold_only_releases_entries():
+    model = apply_sara(make_small(), SaRAConfig(threshold=0.03))
+    train(model, steps=20, lr=0.05)
+    old = {n: m.sara_indices.clone() for n, m in model.named_modules() if isinstance(m, SaRALayer)}
+    x, _ = batch()
+    out = model(x).detach()
+    reselect(model)
+    assert torch.equal(model(x), out)
+    for name, layer in model.named_modules():
+        if isinstance(layer, SaRALayer):
+            assert torch.isin(layer.sara_indices, old[name]).all()
+            assert (layer.sara_values.abs() < 0.03).all() and (layer.sara_fixed_values.abs() >= 0.03).all()
+
+
+def test_state_dict_after_reselect_loads_into_a_fresh_adapter():
+    model = apply_sara(make_small(), SaRAConfig(fraction=0.1))
+    train(model, steps=20, lr=0.1)
+    reselect(model)
+    fresh = apply_sara(make_small(), SaRAConfig(fraction=0.1))
+    fresh.load_state_dict(model.state_dict())
+    x, _ = batch()
+    assert torch.equal(fresh(x), model(x))
+
+
+# -- switching, saving, merging -----------------------------------------------------------------------
+@pytest.mark.parametrize("ub", [True, False])
+def test_disable_gives_base_outputs_and_enable_restores(ub):
+    base = make_small()
+    model = apply_sara(copy.deepcopy(base), SaRAConfig(fraction=0.2, unstructured_backprop=ub))
+    train(model, steps=10)
+    x, _ = batch()
+    adapted = model(x).detach()
+    assert not torch.allclose(adapted, base(x))
+    assert torch.equal(disable_sara(model)(x), base(x))
+    assert torch.equal(enable_sara(model)(x), adapted)
+
+
+def test_save_load_into_fresh_base_reproduces_outputs_exactly(tmp_path):
+    base = make_small()
+    model = apply_sara(copy.deepcopy(base), SaRAConfig(fraction=0.1, progressive_step=10))
+    train(model, steps=15, lr=0.1)
+    reselect(model)
+    train(model, steps=5)
+    path = tmp_path / "adapter.safetensors"
+    save_sara(model, path)
+    assert not list(tmp_path.glob("*.tmp"))
+    x, _ = batch()
+    loaded = load_sara(copy.deepcopy(base), path)
+    assert torch.equal(loaded(x), model(x))
+    assert loaded.hidden.config == model.hidden.config
+    # into a model already adapted with another selection
+    other = apply_sara(copy.deepcopy(base), SaRAConfig(threshold=0.05))
+    assert torch.equal(load_sara(other, path)(x), model(x))
+    # from the in-memory state dict; only sparse tensors are in it
+    state = sara_state_dict(model)
+    assert set(state["config"]) >= {"threshold", "fraction", "rank_lambda", "progressive_step"}
+    n_sparse = sum(v.numel() for v in state["tensors"].values())
+    assert n_sparse < sum(w.numel() for w in weights(base).values())
+    assert torch.equal(load_sara(copy.deepcopy(base), state)(x), model(x))
+
+
+def test_merge_gives_plain_modules_and_same_outputs():
+    base = make_small()
+    model = apply_sara(copy.deepcopy(base), SaRAConfig(fraction=0.2))
+    train(model, steps=10)
+    x, _ = batch()
+    out = model(x).detach()
+    merged = merge_sara(model)
+    assert not any(isinstance(m, SaRALayer) for m in merged.modules())
+    assert [type(m) for m in merged.modules()] == [type(m) for m in base.modules()]
+    assert merged.state_dict().keys() == base.state_dict().keys()
+    assert torch.equal(merged(x), out)
+
+
+# -- diffusers UNet -----------------------------------------------------------------------------------
+def test_sara_on_a_diffusers_unet_score_model(tmp_path):
+    torch.manual_seed(0)
+    sde = VPSDE()
+    net = make_unet(sample_size=8, block_out_channels=(16, 32), attention=True)
+    base = ScoreModel(net, sde)
+    model = apply_sara(copy.deepcopy(base), SaRAConfig(fraction=0.05))
+    names = {n for n, m in model.named_modules() if isinstance(m, SaRALayer)}
+    assert {"net.mid_block.attentions.0.to_q", "net.mid_block.attentions.0.to_out.0", "net.conv_in"} <= names
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(8, 1, 8, 8, generator=g)
+    opt = torch.optim.Adam(trainable(model), lr=1e-2)
+    for _ in range(2):
+        loss = dsm_loss(model, sde, x0, generator=g) + rank_penalty(model, g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    t = torch.full((8,), 0.5)
+    out = model(x0, t).detach()
+    path = tmp_path / "unet.safetensors"
+    save_sara(model, path)
+    assert torch.equal(load_sara(copy.deepcopy(base), path)(x0, t), out)
+    assert torch.equal(disable_sara(model)(x0, t), base(x0, t))
+    enable_sara(model)
+    merged = merge_sara(model)
+    assert type(merged.net.mid_block.attentions[0].to_q) is nn.Linear
+    assert type(merged.net.conv_in) is nn.Conv2d
+    torch.testing.assert_close(merged(x0, t), out, rtol=0, atol=0)
+
+
+# -- bad input ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(fraction=0.0), r"fraction must lie in \(0, 1\)"),
+        (dict(fraction=1.5), r"fraction must lie in \(0, 1\)"),
+        (dict(threshold=0.0), "threshold must be a positive"),
+        (dict(threshold=-1e-3), "threshold must be a positive"),
+        (dict(threshold=1e-3, fraction=0.1), "exactly one of threshold=.*both given"),
+        (dict(), "exactly one of threshold=.*neither given"),
+        (dict(fraction=0.1, rank_lambda=-1.0), "rank_lambda must be >= 0"),
+        (dict(fraction=0.1, progressive_step=0), "progressive_step must be a positive"),
+    ],
+)
+def test_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SaRAConfig(**kwargs)
+
+
+def test_bad_targets_and_thresholds():
+    with pytest.raises(ValueError, match=r"target_modules=\['to_q'\] matches no module; .*\[conv, inp, hidden, out\]"):
+        apply_sara(make_small(), SaRAConfig(fraction=0.1, target_modules=["to_q"]))
+    with pytest.raises(ValueError, match=r"matches module 'norm' of type LayerNorm"):
+        apply_sara(make_small(), SaRAConfig(fraction=0.1, target_modules="norm|out"))
+    with pytest.raises(ValueError, match=r"threshold=1e-09 selects no weight entry in any of the 4 target modules"):
+        apply_sara(make_small(), SaRAConfig(threshold=1e-9))
+    model = apply_sara(make_small(), SaRAConfig(fraction=0.1))
+    with pytest.raises(ValueError, match="already has SaRA adapters"):
+        apply_sara(model, SaRAConfig(fraction=0.1))
+    with pytest.raises(ValueError, match="rank_penalty: the model has no SaRA adapters"):
+        rank_penalty(make_small())
+
+
+def test_loading_into_a_mismatched_model_names_the_module(tmp_path):
+    model = apply_sara(make_small(), SaRAConfig(fraction=0.1))
+    path = tmp_path / "a.safetensors"
+    save_sara(model, path)
+
+    wider = make_small()
+    wider.hidden = nn.Linear(72, 96)
+    with pytest.raises(ValueError, match=r"module 'hidden' has a weight of shape \(96, 72\) but the adapter was made for \(80, 72\)"):
+        load_sara(wider, path)
+
+    renamed = nn.Sequential(make_small())
+    with pytest.raises(ValueError, match=r"the adapter has module 'conv' but the model has no module of that name"):
+        load_sara(renamed, path)
+
+    plain = tmp_path / "plain.safetensors"
+    from scorekit.checkpoint import save_tensors
+
+    save_tensors({"w": torch.zeros(2)}, plain, {"format": "other"})
+    with pytest.raises(ValueError, match="is not a SaRA adapter"):
+        load_sara(make_small(), plain)
+
+
+# -- the finetune command -----------------------------------------------------------------------------
+BASE_YAML = """
+sde: {name: vp}
+model: {net: mlp, options: {hidden: 72, depth: 1, emb_dim: 16}}
+data: {name: digits, split: train, classes: [0, 1, 2, 3, 4]}
+training: {steps: 10, batch_size: 32, lr: 1.0e-3, progress: false, checkpoint_every: 0}
+"""
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    from scorekit.cli import main
+
+    root = tmp_path_factory.mktemp("base")
+    (root / "base.yaml").write_text(BASE_YAML)
+    assert main(["train", "--config", str(root / "base.yaml"), "--out_dir", str(root / "run")]) == 0
+    return root / "run"
+
+
+def finetune(base, out, *extra, method="sara"):
+    from scorekit.cli import main
+
+    args = ["finetune", "--config", "configs/finetune_sara.yaml", "--base", str(base), "--out_dir", str(out),
+            "--method", method, "training.batch_size=16", "training.progress=false", "sara.progressive_step=3",
+            "training.checkpoint_every=2", *extra]
+    assert main(args) == 0
+
+
+def test_finetune_sara_resumes_across_the_progressive_step(base_run, tmp_path):
+    from scorekit.checkpoint import load_tensors
+    from scorekit.config import load_score_model
+
+    finetune(base_run, tmp_path / "once", "training.steps=6")
+    finetune(base_run, tmp_path / "split", "training.steps=4")  # stops after the re-selection (step 3)
+    finetune(base_run, tmp_path / "split", "training.steps=6")  # resumes from the step-4 checkpoint
+    once, _ = load_tensors(tmp_path / "once" / "adapter.safetensors")
+    split, meta = load_tensors(tmp_path / "split" / "adapter.safetensors")
+    assert once.keys() == split.keys() and all(torch.equal(once[k], split[k]) for k in once)
+    assert any(v.numel() for k, v in once.items() if k.endswith("sara_fixed_indices")), "no re-selection happened"
+    assert meta["config"]["progressive_step"] == 3
+    # merged/ is a plain checkpoint equal to the base with the adapter loaded
+    base, _ = load_score_model(base_run)
+    merged, _ = load_score_model(tmp_path / "once" / "merged")
+    adapted = load_sara(base, tmp_path / "once" / "adapter.safetensors")
+    x, t = torch.randn(5, 1, 8, 8), torch.full((5,), 0.3)
+    torch.testing.assert_close(merged(x, t), adapted(x, t), rtol=0, atol=0)
+
+
+def test_finetune_lora_matches_the_sara_budget_and_full_trains_everything(base_run, tmp_path, capsys):
+    finetune(base_run, tmp_path / "lora", "training.steps=2", method="lora")
+    sara_line = capsys.readouterr().out
+    budget = int(sara_line.split("'sara_budget': ")[1].split("}")[0])
+    trainable = int(sara_line.split("'trainable': ")[1].split(",")[0])
+    rank = int(sara_line.split("'rank': ")[1].split(",")[0])
+    per_rank = trainable // rank
+    assert abs(trainable - budget) <= per_rank / 2 + 1  # the closest rank
+    finetune(base_run, tmp_path / "full", "training.steps=2", method="full")
+    from scorekit.config import load_score_model
+
+    base, _ = load_score_model(base_run)
+    full, _ = load_score_model(tmp_path / "full" / "merged")
+    assert f"'trainable': {sum(p.numel() for p in base.parameters())}" in capsys.readouterr().out
+    assert all(not torch.equal(p, q) for p, q in zip(base.parameters(), full.parameters()) if p.ndim == 2)
