@@ -13,7 +13,7 @@ Samplers take ``guidance=[...]`` and apply the hooks in list order, so plug-ins 
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from torch import Tensor
 

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -63,7 +63,12 @@ def langevin(
     """
 
     def step_size(score: Tensor, z: Tensor, t: Tensor) -> Tensor:
-        return 2 * _alpha(sde, t) * (snr * _mean_norm(z) / _mean_norm(score)) ** 2
+        score_norm = _mean_norm(score)
+        # a vanishing score (e.g. a zero-initialised output layer) leaves the rule without a scale: the
+        # step would be infinite, so the chain stays put instead of turning x into NaN
+        if score_norm == 0:
+            return torch.zeros_like(t)
+        return 2 * _alpha(sde, t) * (snr * _mean_norm(z) / score_norm) ** 2
 
     return _langevin(score_fn, sde, x, t, n_steps, generator, step_size)
 

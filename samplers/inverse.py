@@ -13,7 +13,7 @@ mode of the unknown part that only the clean ``y`` rules out keeps about its unc
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -91,7 +91,7 @@ def inpaint(
     except RuntimeError:
         raise ValueError(
             f"mask of shape {tuple(mask.shape)} does not broadcast against x of shape {tuple(x.shape)}"
-        )
+        ) from None
     if not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError("mask must contain only 0 (unknown) and 1 (known)")
     data = torch.where(mask.bool(), x, torch.zeros_like(x))

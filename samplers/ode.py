@@ -7,7 +7,7 @@ solvers come from torchdiffeq; ``dpm_solver_2m`` is the exponential integrator o
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor

@@ -12,7 +12,7 @@ only right when sampling with ``N`` steps. Here every coefficient is derived fro
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -28,7 +28,7 @@ COMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scorekit", description="Score-based generative modeling through SDEs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
-    for name, module_name in COMMANDS.items():
+    for module_name in COMMANDS.values():
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as e:

@@ -19,7 +19,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from .data import GaussianMixture, imbalanced_mixture, load_digits, make_imbalanced, toy_2d, TOY_SETS
+from .data import TOY_SETS, GaussianMixture, imbalanced_mixture, load_digits, make_imbalanced, toy_2d
 from .nets import MLP, make_unet
 from .score import ScoreModel
 from .sde import SDE, make_sde

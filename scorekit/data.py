@@ -9,7 +9,7 @@ posterior and posterior mean ``E[x_0 | x_t]`` are closed forms at every ``t``.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -254,7 +254,7 @@ class GaussianMixture:
         """The most probable component of each clean sample (labels ``(B,)``)."""
         return self.responsibilities(x).argmax(1)
 
-    def conditional(self, value: Tensor, known: Sequence[int]) -> "GaussianMixture":
+    def conditional(self, value: Tensor, known: Sequence[int]) -> GaussianMixture:
         """The mixture of the remaining coordinates given ``x[known] = value`` (one conditioning value).
 
         With isotropic components the coordinates are independent within a component, so only the

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -164,7 +164,7 @@ class SDE(abc.ABC):
         dt = t - s
         return drift * bcast(dt, x), diffusion * torch.sqrt(dt)
 
-    def reverse(self, score_fn: ScoreFn, probability_flow: bool = False) -> "ReverseSDE":
+    def reverse(self, score_fn: ScoreFn, probability_flow: bool = False) -> ReverseSDE:
         """The reverse-time SDE (eq. 6) or, with ``probability_flow=True``, the probability-flow ODE (eq. 13)."""
         return ReverseSDE(self, score_fn, probability_flow)
 

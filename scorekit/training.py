@@ -13,9 +13,10 @@ import copy
 import dataclasses
 import os
 import shutil
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -137,7 +138,7 @@ class Trainer:
         *,
         out_dir: str | os.PathLike | None = None,
         params: Iterable[nn.Parameter] | None = None,
-        callbacks: Sequence[Callable[["Trainer"], None]] = (),
+        callbacks: Sequence[Callable[[Trainer], None]] = (),
         meta: dict | None = None,
         accelerator: Accelerator | None = None,
     ):

@@ -215,3 +215,12 @@ def test_nan_score_stops_with_the_step_and_time():
     # grid linspace(1, 1e-3, 5): the third step is the first below 0.6
     with pytest.raises(FloatingPointError, match=r"not finite.*step 3 of 5, t = 0\.5005"):
         pc_sample(bad_score, sde, (4, 2), steps=5, eps=1e-3, corrector=None, generator=gen())
+
+
+def test_langevin_with_a_vanishing_score_stays_put():
+    # A zero-initialised output layer gives s = 0, where the SNR step rule (Alg. 4/5) divides by ||s||.
+    from samplers import CORRECTORS
+
+    sde, x = VPSDE(), torch.randn(8, 2, generator=gen())
+    out, mean = CORRECTORS["langevin"](lambda x, t: torch.zeros_like(x), sde, x, 0.5, snr=0.16, generator=gen())
+    assert torch.equal(out, x) and torch.equal(mean, x)

@@ -41,43 +41,54 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--target-level", "--target_level", dest="target_level", type=int, default=None,
                    help="minority level for --guidance minority (L-1: most unique, 0: most common)")
     g.add_argument("--scale", type=float, default=1.0, help="guidance scale w")
-    g.add_argument("--reward", default=None, help="module:function reward for --guidance svdd")
+    g.add_argument("--reward", default=None,
+                   help="reward for --guidance svdd: compressibility, ink, module:function or file.py:function")
     g.add_argument("--candidates", type=int, default=8, help="SVDD candidates per step (M)")
     g.add_argument("--alpha", type=float, default=0.0, help="SVDD temperature (0: argmax)")
-    g.add_argument("--value_fn", "--value-fn", dest="value_fn", default=None, help="SVDD-MC value network checkpoint")
     return p
 
 
-def _classifier(args, model):
+def _same_sde(guidance, model):
+    if guidance.sde is not None and guidance.sde != model.sde:
+        raise ValueError(f"the classifier was trained on {guidance.sde!r} but the model uses {model.sde!r}; "
+                         "train the classifier on the model's SDE")
+    return guidance
+
+
+def _classifier(args, model, device):
     from guidance import ClassifierGuidance
 
     if args.classifier is None or args.target is None:
         raise ValueError("--guidance classifier needs --classifier PATH and --target CLASS")
-    return ClassifierGuidance.load(args.classifier, target=args.target, scale=args.scale)
+    return _same_sde(ClassifierGuidance.load(args.classifier, target=args.target, scale=args.scale, device=device),
+                     model)
 
 
-def _minority(args, model):
+def _minority(args, model, device):
     from guidance import MinorityGuidance
 
     if args.classifier is None or args.target_level is None:
         raise ValueError("--guidance minority needs --classifier PATH (a minority classifier) and --target-level L")
-    return MinorityGuidance.load(args.classifier, target_level=args.target_level, scale=args.scale)
+    return _same_sde(MinorityGuidance.load(args.classifier, target_level=args.target_level, scale=args.scale,
+                                           device=device), model)
 
 
-def _self_minority(args, model):
+def _self_minority(args, model, device):
+    import torch
+
     from guidance import SelfMinorityGuidance
 
-    return SelfMinorityGuidance(model, model.sde, scale=args.scale)
+    generator = None if args.seed is None else torch.Generator(device).manual_seed(args.seed + 1)
+    return SelfMinorityGuidance(model, model.sde, scale=args.scale, generator=generator)
 
 
-def _svdd(args, model):
-    from guidance import SVDD
-    from guidance.svdd import load_reward, load_value_function
+def _svdd(args, model, device):
+    from guidance import SVDD, load_reward
 
     if args.reward is None:
-        raise ValueError("--guidance svdd needs --reward module:function (a reward of the clean sample, shape (batch,))")
-    value_fn = load_value_function(args.value_fn) if args.value_fn else None
-    return SVDD(load_reward(args.reward), num_candidates=args.candidates, alpha=args.alpha, value_fn=value_fn)
+        raise ValueError("--guidance svdd needs --reward SPEC: a built-in (compressibility, ink), module:function "
+                         "or file.py:function, a reward of the clean sample returning shape (batch,)")
+    return SVDD(load_reward(args.reward), num_candidates=args.candidates, alpha=args.alpha, seed=args.seed)
 
 
 # Plug-ins a user picks by name on the command line.
@@ -116,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     eps = args.eps if args.eps is not None else cfg.eps
     # the config's steps are PC steps; the ODE solvers take theirs from the flag (DPM-Solver: 20 NFE by default)
     steps = args.steps if args.steps is not None else {"pc": cfg.steps, "dpm_solver_2m": 20}.get(sampler)
-    guidance = [GUIDANCE[name](args, model) for name in args.guidance]
+    guidance = [GUIDANCE[name](args, model, device) for name in args.guidance]
 
     score = count_nfe(model)
     generator = torch.Generator(device).manual_seed(seed)
