@@ -138,8 +138,9 @@ class SDE(abc.ABC):
 
     # -- discretization --------------------------------------------------------------------------
     def _index(self, t: Tensor) -> Tensor:
-        # The reference code truncates t * (N - 1) / T to find the discrete step.
-        return (t * (self.N - 1) / self.T).long().clamp(0, self.N - 1)
+        # The reference code truncates t * (N - 1) / T to find the discrete step; the small tolerance keeps
+        # round-off in t = k / (N - 1) from truncating to step k - 1 (as scorekit.pretrained does).
+        return torch.floor(t * (self.N - 1) / self.T + 1e-3).long().clamp(0, self.N - 1)
 
     def discretize(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """One step of the forward process, ``x_{i+1} = x_i + f_i(x_i) + G_i z_i``.

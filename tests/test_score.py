@@ -122,3 +122,5 @@ def test_bad_inputs():
         ScoreModel(MLP(2), sde)(torch.ones(2, 2, dtype=torch.long), torch.rand(2))
     with pytest.raises(ValueError, match="cannot be halved"):
         make_unet(sample_size=6, block_out_channels=(8, 16, 32), norm_num_groups=8)
+    with pytest.raises(ValueError, match="'positional' .* or 'fourier'"):
+        make_unet(time_embedding="learned")

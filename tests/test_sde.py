@@ -164,3 +164,12 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="positive integer"):
         VPSDE(N=0)
     assert make_sde("VP", beta_max=10) == VPSDE(beta_max=10)
+
+
+def test_discrete_step_index_survives_round_off():
+    # t = k / (N - 1) from a linspace lands just below the grid point for 83 of the 1000 k in float32
+    # (34 in float64); it is still step k.
+    sde = VPSDE()
+    k = torch.arange(1000)
+    t = torch.linspace(0, 1, 1000)
+    torch.testing.assert_close(sde.discrete_beta(t), sde.discrete_betas(dtype=torch.float32)[k])

@@ -24,6 +24,8 @@ def make_unet(
     ``log sigma`` and divides its output by ``sigma`` (``ScoreModel(prediction="score",
     time_input="sigma")``). ``attention`` adds self-attention in the lowest-resolution blocks.
     """
+    if time_embedding not in ("positional", "fourier"):
+        raise ValueError(f"time_embedding must be 'positional' (VP, sub-VP) or 'fourier' (VE), got {time_embedding!r}")
     n = len(block_out_channels)
     if sample_size % 2 ** (n - 1):
         raise ValueError(
