@@ -159,7 +159,9 @@ def run(args: argparse.Namespace) -> int:
         model = Noise2Score.load(args.checkpoint, noise=args.noise)
     else:
         torch.manual_seed(args.seed)
-        model = Noise2Score(ScoreUNet(channels.pop(), args.width, args.depth), args.noise)
+        # Poisson networks see counts y / zeta; scaling them back by zeta keeps the convolutions' inputs in [0, 1]
+        scale = level if args.noise == "poisson" and level is not None else 1.0
+        model = Noise2Score(ScoreUNet(channels.pop(), args.width, args.depth, input_scale=scale), args.noise)
     if args.fit:
         config = TrainConfig(
             steps=args.steps, batch_size=args.batch_size, lr=args.lr, grad_clip=None,
