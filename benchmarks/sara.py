@@ -9,22 +9,26 @@ digits 5-9 only, by each method with the same steps, batches, learning rate and 
 - peak training memory: the peak bytes of live tensors (weights, buffers, gradients, optimizer state,
   activations, temporaries) over three AdamW steps on one batch, counted exactly by a
   ``TorchDispatchMode`` that records every tensor storage an op creates and releases it when the
-  storage is freed (``torch.cuda.max_memory_allocated`` on CUDA). SaRA is measured with and without
-  the unstructured backprop (``SaRAConfig(unstructured_backprop=False)``: ordinary autograd through a
+  storage is freed (``torch.cuda.max_memory_allocated`` on CUDA); next to it the analytic count of
+  weights + buffers + gradients + AdamW's two moments. SaRA is measured with and without the
+  unstructured backprop (``SaRAConfig(unstructured_backprop=False)``: ordinary autograd through a
   scatter, which keeps a dense copy of every adapted weight for the backward);
-- step time (median of timed AdamW steps, same loop, no EMA);
-- FD-digits of 1,000 PC samples against all digits 5-9 (new classes), and the share of samples the
-  digits classifier puts in 5-9;
+- step time: median over timed AdamW steps (no EMA), the methods timed in turn step by step so that
+  a shared machine's load affects them alike;
+- FD-digits of PC samples against all digits 5-9 (new classes), and the share of samples the digits
+  classifier puts in 5-9;
 - forgetting: FD-digits against digits 0-4 of *SDEdit reconstructions* of the digits 0-4: each old
   digit is diffused to ``t0`` and denoised back by the fine-tuned model (PC steps from ``t0``). An
   unconditional model fine-tuned on 5-9 samples 5-9, so its plain samples say nothing about whether
   it still knows 0-4; reconstructing them does. Also the share of reconstructions the classifier
-  still labels with the original digit.
+  still labels with the original digit (at the default ``t0 = 0.3`` the base model keeps 53%; at 0.5
+  it drops to chance, 20%, so the label share says nothing there).
 
-    python benchmarks/sara.py            # default (a few minutes on 2 CPU cores)
+    python benchmarks/sara.py            # default (~15 min on one loaded CPU core; base model cached)
     python benchmarks/sara.py --quick    # smoke run
+    python benchmarks/sara.py --methods sara lora --lr_for sara=3e-3 lora=3e-4 --no-costs --name sara_lr
 
-Writes ``benchmarks/results/sara.md`` (table) and ``benchmarks/results/sara.png`` (samples).
+Writes ``benchmarks/results/<name>.md`` (table) and ``<name>.png`` (samples); ``name`` is ``sara`` by default.
 """
 
 from __future__ import annotations
@@ -114,10 +118,11 @@ def pretrain(args) -> Path:
 
 
 def finetune_config(args, method: str, out_dir: str, unstructured_backprop: bool = True) -> FinetuneConfig:
+    lr = args.lr_for.get(method, args.lr)
     return FinetuneConfig(
         method=method,
         data=DataConfig(name="digits", split="train", classes=NEW),
-        training=TrainConfig(steps=args.steps, batch_size=128, lr=args.lr, ema_decay=0.999, checkpoint_every=0,
+        training=TrainConfig(steps=args.steps, batch_size=128, lr=lr, ema_decay=0.999, checkpoint_every=0,
                              progress=args.progress, seed=1, resume=False),
         sara=SaRAConfig(fraction=args.fraction, rank_lambda=5e-4, progressive_step=args.steps // 2,
                         unstructured_backprop=unstructured_backprop),
@@ -135,39 +140,53 @@ def _adamw_step(model: nn.Module, opt: torch.optim.Optimizer, dsm, batch: Tensor
     opt.zero_grad(set_to_none=True)
 
 
-def step_cost(args, base: nn.Module, x: Tensor, method: str, unstructured_backprop: bool = True) -> dict:
-    """Peak live-tensor memory over three AdamW steps and the median time of timed steps, without EMA."""
+def training_step(args, base: nn.Module, x: Tensor, method: str, unstructured_backprop: bool = True):
+    """A fresh copy of ``base`` prepared for ``method`` and a closure running one AdamW step on one batch."""
     cfg = finetune_config(args, method, "", unstructured_backprop)
-    dsm = make_dsm_loss(base.sde)
-    rows = {}
-    for phase in ("memory", "time"):
-        torch.manual_seed(0)
-        model, _ = prepare_model(copy.deepcopy(base), cfg)
-        model.train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-        batch = x[:128].clone()
-        step = functools.partial(_adamw_step, model, opt, dsm, batch, torch.Generator().manual_seed(0),
-                                 method == "sara")
-        if phase == "memory" and x.is_cuda:
-            torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(0)
+    model, _ = prepare_model(copy.deepcopy(base), cfg)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.training.lr)
+    batch = x[:128].clone()
+    step = functools.partial(_adamw_step, model, opt, make_dsm_loss(base.sde), batch,
+                             torch.Generator().manual_seed(0), method == "sara")
+    return model, batch, step
+
+
+def state_bytes(model: nn.Module) -> int:
+    """Weights and buffers, plus a gradient and AdamW's two moments for every trainable entry."""
+    stored = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return stored + 3 * trainable
+
+
+def peak_memory(args, base: nn.Module, x: Tensor, method: str, unstructured_backprop: bool = True) -> dict:
+    """Peak live-tensor memory over three AdamW steps, and the analytic :func:`state_bytes`, in MiB."""
+    model, batch, step = training_step(args, base, x, method, unstructured_backprop)
+    if x.is_cuda:
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(3):
+            step()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        with LiveTensorPeak([*model.parameters(), *model.buffers(), batch]) as tracker:
             for _ in range(3):
                 step()
-            rows["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
-        elif phase == "memory":
-            with LiveTensorPeak([*model.parameters(), *model.buffers(), batch]) as tracker:
-                for _ in range(3):
-                    step()
-            rows["peak_mib"] = tracker.peak / 2**20
-        else:
-            for _ in range(3):
-                step()
-            times = []
-            for _ in range(args.time_steps):
-                t0 = time.perf_counter()
-                step()
-                times.append(time.perf_counter() - t0)
-            rows["step_ms"] = 1e3 * statistics.median(times)
-    return rows
+        peak = tracker.peak
+    return {"peak_mib": peak / 2**20, "state_mib": state_bytes(model) / 2**20}
+
+
+def step_times(args, base: nn.Module, x: Tensor, variants: dict[str, tuple[str, bool]]) -> dict[str, float]:
+    """Median AdamW step time (ms) of each ``name: (method, unstructured_backprop)``, timed in turn."""
+    steps = {name: training_step(args, base, x, *v)[2] for name, v in variants.items()}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for i in range(3 + args.time_steps):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            if i >= 3:  # warm-up steps are not timed
+                times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
 # -- evaluation ---------------------------------------------------------------------------------------
@@ -202,10 +221,11 @@ def evaluate(model, args, old: tuple[Tensor, Tensor], ref_new: Tensor, seed: int
 
 # -- report -------------------------------------------------------------------------------------------
 def table(rows: dict[str, dict]) -> str:
-    lora = rows["LoRA (peft)"]
-    head = ("| method | trainable params | adapter file | peak train memory (MiB) | step time (ms) | "
-            "FD-digits new 5-9 ↓ | samples in 5-9 | FD-digits old 0-4 ↓ (forgetting) | old digits kept |")
-    lines = [head, "|" + "---|" * 9]
+    lora = next((r for name, r in rows.items() if name.startswith("LoRA")), {})
+    head = ("| method | trainable params | adapter file | peak train memory (MiB) | weights+grads+AdamW (MiB) | "
+            "step time (ms) | FD-digits new 5-9 ↓ | samples in 5-9 | FD-digits old 0-4 ↓ (forgetting) | "
+            "old digits kept |")
+    lines = [head, "|" + "---|" * 10]
 
     def fmt(v, spec, ref=None):
         if v is None:
@@ -214,12 +234,13 @@ def table(rows: dict[str, dict]) -> str:
         return f"{s} ({v / ref:.2f}× LoRA)" if ref else s
 
     for name, r in rows.items():
-        ratio = name != "LoRA (peft)"
+        ratio = r is not lora
         lines.append(
             f"| {name} | {fmt(r.get('trainable'), ',')} | "
             f"{fmt(r['adapter_kib'], '.1f') + ' KiB' if r.get('adapter_kib') is not None else '—'} | "
-            f"{fmt(r.get('peak_mib'), '.2f', lora['peak_mib'] if ratio and r.get('peak_mib') else None)} | "
-            f"{fmt(r.get('step_ms'), '.1f', lora['step_ms'] if ratio and r.get('step_ms') else None)} | "
+            f"{fmt(r.get('peak_mib'), '.2f', lora.get('peak_mib') if ratio and r.get('peak_mib') else None)} | "
+            f"{fmt(r.get('state_mib'), '.2f')} | "
+            f"{fmt(r.get('step_ms'), '.1f', lora.get('step_ms') if ratio and r.get('step_ms') else None)} | "
             f"{fmt(r.get('fd_new'), '.2f')} | {fmt(r.get('new_share'), '.0%')} | "
             f"{fmt(r.get('fd_old'), '.2f')} | {fmt(r.get('old_kept'), '.0%')} |"
         )
@@ -260,10 +281,15 @@ def main(argv=None) -> int:
     p.add_argument("--pretrain_steps", type=int, default=4000)
     p.add_argument("--steps", type=int, default=2000, help="fine-tuning steps (all methods)")
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate (all methods)")
+    p.add_argument("--lr_for", nargs="*", default=[], metavar="METHOD=LR", help="a method's own learning rate")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--costs", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure peak memory and step time (they do not depend on the learning rate)")
+    p.add_argument("--name", default="sara", help="stem of the result files")
     p.add_argument("--fraction", type=float, default=0.1, help="SaRA: smallest-|w| share trained per weight")
     p.add_argument("--n_samples", type=int, default=1000)
-    p.add_argument("--sample_steps", type=int, default=500)
-    p.add_argument("--t0", type=float, default=0.5, help="SDEdit noise level for the forgetting metric")
+    p.add_argument("--sample_steps", type=int, default=250)
+    p.add_argument("--t0", type=float, default=0.3, help="SDEdit noise level for the forgetting metric")
     p.add_argument("--time_steps", type=int, default=30)
     p.add_argument("--cache", type=Path, default=Path("outputs/bench_sara"))
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -271,6 +297,12 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (small models gain nothing from more; oversubscription costs a lot)")
     args = p.parse_args(argv)
+    try:
+        args.lr_for = {m: float(v) for m, v in (item.split("=") for item in args.lr_for)}
+    except ValueError:
+        p.error(f"--lr_for takes METHOD=LR items, got {args.lr_for}")
+    if set(args.lr_for) - set(METHODS):
+        p.error(f"--lr_for: unknown method in {sorted(args.lr_for)}; choose from {list(METHODS)}")
     torch.set_num_threads(args.threads)
     if args.quick:
         args.pretrain_steps, args.steps, args.n_samples, args.sample_steps, args.time_steps = 200, 40, 200, 50, 5
@@ -289,8 +321,9 @@ def main(argv=None) -> int:
     evals["base (digits 0-4)"] = evaluate(copy.deepcopy(base), args, old, ref_new, seed=2)
     rows["base (digits 0-4)"] = {k: v for k, v in evals["base (digits 0-4)"].items() if k not in ("samples", "recon")}
     names = {"sara": f"SaRA (fraction {args.fraction})", "lora": "LoRA (peft)", "full": "full fine-tuning"}
+    names = {m: names[m] + (f", lr {args.lr_for[m]:g}" if m in args.lr_for else "") for m in args.methods}
     with tempfile.TemporaryDirectory() as tmp:
-        for method in METHODS:
+        for method in args.methods:
             trainer, summary = make_finetune_trainer(finetune_config(args, method, f"{tmp}/{method}"),
                                                      copy.deepcopy(base).requires_grad_(False), x_new)
             trainer.train()
@@ -301,30 +334,39 @@ def main(argv=None) -> int:
             rows[names[method]] = {
                 "trainable": summary["trainable"],
                 "adapter_kib": size_file.stat().st_size / 1024,
-                **step_cost(args, base, x_new, method),
+                **(peak_memory(args, base, x_new, method) if args.costs else {}),
                 **{k: v for k, v in ev.items() if k not in ("samples", "recon")},
             }
             if method == "lora":
                 rows[names[method]]["rank"] = summary["rank"]
-    rows["SaRA without unstructured backprop"] = step_cost(args, base, x_new, "sara", unstructured_backprop=False)
+    if args.costs:
+        variants = {names[m]: (m, True) for m in args.methods}
+        if "sara" in args.methods:
+            no_ub = "SaRA without unstructured backprop"
+            rows[no_ub] = peak_memory(args, base, x_new, "sara", unstructured_backprop=False)
+            variants[no_ub] = ("sara", False)
+        for name, ms in step_times(args, base, x_new, variants).items():
+            rows[name]["step_ms"] = ms
     elapsed = time.perf_counter() - t_start
 
     args.out.mkdir(parents=True, exist_ok=True)
     md = table(rows)
     settings = (f"MLP score model (hidden {args.hidden}, depth {args.depth}, "
                 f"{sum(p.numel() for p in base.parameters()):,} parameters), VP SDE; pre-trained {args.pretrain_steps} "
-                f"steps on digits 0-4, fine-tuned {args.steps} steps on digits 5-9 (batch 128, AdamW lr {args.lr}, "
-                f"EMA 0.999, seed 1) by each method. SaRA: smallest {args.fraction:.0%} of every Linear weight, "
+                f"steps on digits 0-4, fine-tuned {args.steps} steps on digits 5-9 (batch 128, AdamW lr {args.lr} unless "
+                f"the row says otherwise, EMA 0.999, seed 1) by each method. SaRA: smallest {args.fraction:.0%} of every Linear weight, "
                 f"rank_lambda 5e-4, progressive re-selection at step {args.steps // 2}. LoRA: rank "
-                f"{rows['LoRA (peft)'].get('rank')} on the same modules (closest trainable count). PC sampler "
+                f"{next((r['rank'] for r in rows.values() if 'rank' in r), '—')} on the same modules (closest "
+                f"trainable count). PC sampler "
                 f"({args.sample_steps} steps, reverse diffusion + Langevin), {args.n_samples} samples; SDEdit from "
                 f"t0 = {args.t0} on the {len(old[0])} digits 0-4. Peak memory: "
                 + ("torch.cuda.max_memory_allocated" if x_new.is_cuda else "peak live tensor bytes (dispatch-mode count, CPU)")
-                + f"; step time: median of {args.time_steps} AdamW steps on {torch.get_num_threads()} CPU threads. "
+                + f" over three AdamW steps on a batch of 128; step time: median of {args.time_steps} AdamW steps "
+                f"(methods interleaved) on {torch.get_num_threads()} CPU thread(s). "
                 f"Fine-tuning + evaluation took {elapsed:.0f} s.")
     text = f"# SaRA vs LoRA vs full fine-tuning (digits 0-4 -> 5-9)\n\n{settings}\n\n{md}\n"
-    (args.out / "sara.md").write_text(text)
-    figure(evals, old[0], args.out / "sara.png")
+    (args.out / f"{args.name}.md").write_text(text)
+    figure(evals, old[0], args.out / f"{args.name}.png")
     print(text)
     return 0
 

@@ -124,8 +124,9 @@ def test_adam_trains_only_the_selected_entries(ub):
             assert torch.equal(p, q), f"{n} should be frozen"
 
 
-def test_frozen_weights_get_no_grad_and_the_sparse_values_do():
-    model = apply_sara(make_small(), SaRAConfig(fraction=0.1))
+@pytest.mark.parametrize("ub", [True, False])
+def test_frozen_weights_get_no_grad_and_the_sparse_values_do(ub):
+    model = apply_sara(make_small(), SaRAConfig(fraction=0.1, unstructured_backprop=ub))
     x, y = batch()
     (model(x) - y).pow(2).mean().backward()
     for name, p in model.named_parameters():
@@ -147,6 +148,35 @@ def test_sparse_gradient_equals_dense_gradient_at_the_selected_entries(ub):
         if isinstance(layer, SaRALayer):
             ref = dense.get_submodule(name).weight.grad.reshape(-1)[layer.sara_indices]
             torch.testing.assert_close(layer.sara_values.grad, ref, rtol=1e-12, atol=1e-14)
+
+
+def _saved_bytes(model, x, y):
+    """Bytes of the tensors autograd saves for the backward that the model does not own already."""
+    owned = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers(), x, y)}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in owned:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = (model(x) - y).pow(2).mean()
+    loss.backward()
+    return sum(saved.values())
+
+
+def test_unstructured_backprop_saves_no_dense_weight_copy_for_the_backward():
+    x, y = batch()
+    ub = apply_sara(make_small(), SaRAConfig(fraction=0.1))
+    plain = apply_sara(make_small(), SaRAConfig(fraction=0.1, unstructured_backprop=False))
+    layers = [m for m in plain.modules() if isinstance(m, SaRALayer)]
+    dense = sum(m.base_layer.weight.numel() * 4 for m in layers)
+    indices = sum(m.sara_indices.numel() * m.sara_indices.element_size() for m in layers)
+    # Without it, autograd keeps each adapted dense weight (a fresh tensor) for the input gradient, and
+    # the concatenated support indices for the scatter's backward; with it, only the activations.
+    assert _saved_bytes(plain, x, y) - _saved_bytes(ub, x, y) == dense + indices
 
 
 def test_both_backprop_paths_train_identically():
@@ -357,7 +387,9 @@ def test_bad_targets_and_thresholds():
         apply_sara(make_small(), SaRAConfig(fraction=0.1, target_modules=["to_q"]))
     with pytest.raises(ValueError, match=r"matches module 'norm' of type LayerNorm"):
         apply_sara(make_small(), SaRAConfig(fraction=0.1, target_modules="norm|out"))
-    with pytest.raises(ValueError, match=r"threshold=1e-09 selects no weight entry in any of the 4 target modules"):
+    smallest = min(weights(make_small()).items(), key=lambda kv: kv[1].abs().min())[0]
+    with pytest.raises(ValueError, match=rf"threshold=1e-09 selects no weight entry in any of the 4 target "
+                                         rf"modules \(the smallest \|w\| is .*, in '{smallest}'\)"):
         apply_sara(make_small(), SaRAConfig(threshold=1e-9))
     model = apply_sara(make_small(), SaRAConfig(fraction=0.1))
     with pytest.raises(ValueError, match="already has SaRA adapters"):
@@ -375,6 +407,16 @@ def test_loading_into_a_mismatched_model_names_the_module(tmp_path):
     wider.hidden = nn.Linear(72, 96)
     with pytest.raises(ValueError, match=r"module 'hidden' has a weight of shape \(96, 72\) but the adapter was made for \(80, 72\)"):
         load_sara(wider, path)
+
+    other_type = make_small()
+    other_type.hidden = nn.LayerNorm(72)
+    with pytest.raises(ValueError, match=r"module 'hidden' is a LayerNorm; the adapter expects a Linear/Conv layer"):
+        load_sara(other_type, path)
+
+    partial = apply_sara(make_small(), SaRAConfig(fraction=0.1, target_modules=["hidden"]))
+    save_sara(partial, tmp_path / "hidden_only.safetensors")
+    with pytest.raises(ValueError, match=r"the model has SaRA modules the adapter does not cover: \['conv', 'inp', 'out'\]"):
+        load_sara(apply_sara(make_small(), SaRAConfig(fraction=0.1)), tmp_path / "hidden_only.safetensors")
 
     renamed = nn.Sequential(make_small())
     with pytest.raises(ValueError, match=r"the adapter has module 'conv' but the model has no module of that name"):
