@@ -216,9 +216,21 @@ def perturbed_copy(model, seed=1):
     return fake
 
 
-def hand_dmd_step(fd: FDistill, generator: nn.Module, seed: int, gan_logit=None, gan_weight=0.0) -> nn.Module:
+def hand_f_weights(logit, t, h, t_min, T, bins=10):
+    """f-distill's weights from the reference code's recipe, written out sample by sample: r = exp(logit)
+    clipped to [0.1, 20], divided by the mean r of its t-bin (10 equal bins over [t_min, T]), h(r) divided
+    by its batch mean."""
+    r = [min(max(math.exp(min(max(v, -10.0), 10.0)), 0.1), 20.0) for v in logit.tolist()]
+    b = [min(int((v - t_min) / ((T - t_min) / bins)), bins - 1) for v in t.tolist()]
+    bin_mean = {k: sum(ri for ri, bi in zip(r, b) if bi == k) / b.count(k) for k in set(b)}
+    w = [h(ri / bin_mean[bi]) for ri, bi in zip(r, b)]
+    return torch.tensor([wi * len(w) / sum(w) for wi in w], dtype=logit.dtype)
+
+
+def hand_dmd_step(fd: FDistill, generator: nn.Module, seed: int, gan_logit=None, gan_weight=0.0, h=None) -> nn.Module:
     """DMD's generator update written out from its definition (Yin et al. 2024, eq. 7-8 with DMD2's
-    1/mean|x - x0_real| weighting), applied to a copy of ``generator`` with the same AdamW settings."""
+    1/mean|x - x0_real| weighting), applied to a copy of ``generator`` with the same AdamW settings; with
+    ``h``, each sample's update is scaled by f-distill's weight (``hand_f_weights`` of ``gan_logit``)."""
     sde, cfg = fd.sde, fd.config
     g = copy.deepcopy(generator)
     z, t, noise = fd.draw(torch.Generator().manual_seed(seed))
@@ -230,6 +242,8 @@ def hand_dmd_step(fd: FDistill, generator: nn.Module, seed: int, gan_logit=None,
         x0_fake = (x_t + sigma**2 * fd.fake_score(x_t, t)) / alpha
         w = 1 / ((x - x0_real).abs().mean(dim=1, keepdim=True) + 1e-6)
         grad = w * (x0_fake - x0_real)
+        if h is not None:
+            grad = grad * hand_f_weights(gan_logit(x_t, t), t, h, cfg.t_min, sde.T)[:, None]
     loss = 0.5 * ((x - (x - grad).detach()) ** 2).mean()
     if gan_weight:
         loss = loss + gan_weight * F.softplus(-gan_logit(x_t, t)).mean()
@@ -240,23 +254,69 @@ def hand_dmd_step(fd: FDistill, generator: nn.Module, seed: int, gan_logit=None,
     return g
 
 
-@pytest.mark.parametrize("case", ["reverse_kl", "js_constant_ratio", "reverse_kl_gan"])
+@pytest.mark.parametrize("case", ["reverse_kl", "js_constant_ratio", "reverse_kl_gan", "forward_kl_weighted",
+                                  "hellinger_weighted_gan"])
 def test_generator_update_equals_dmd(case):
     teacher = tiny_teacher()
     generator = OneStepGenerator.from_teacher(teacher, time=0.6)
-    logit_fn, divergence, gan = None, "reverse_kl", 0.0
+    logit_fn, divergence, gan, h = None, "reverse_kl", 0.0, None
     if case == "js_constant_ratio":  # constant r: every weight normalises to 1, so JS = DMD
         logit_fn, divergence = (lambda x, t: torch.full((x.shape[0],), 0.7, dtype=x.dtype)), "js"
     if case == "reverse_kl_gan":  # the GAN term differentiates through the (fixed) discriminator
         logit_fn, gan = (lambda x, t: -(x**2).sum(1) * t), 0.3
+    if case.endswith("_weighted") or case.endswith("_weighted_gan"):
+        # a varying ratio (some logits beyond log 20 and log 0.1, so the clip acts): DMD with per-sample
+        # weights h(r) normalised per t-bin and over the batch
+        logit_fn = lambda x, t: 4 * x[:, 0] - 2 * x[:, 1] + 3 * t  # noqa: E731
+        divergence = case.split("_weighted")[0]
+        h = {"forward_kl": lambda r: r, "hellinger": math.sqrt}[divergence]  # Hellinger's 1/4 cancels
+        gan = 0.2 if case.endswith("_gan") else 0.0
     cfg = DistillConfig(divergence=divergence, gan_weight=gan, batch_size=16, lr=1e-2, grad_clip=None, progress=False)
     fd = FDistill(teacher, teacher.sde, generator, config=cfg, fake_score=perturbed_copy(teacher), discriminator=logit_fn)
-    expected = hand_dmd_step(fd, generator, seed=3, gan_logit=logit_fn, gan_weight=gan)
+    if h is not None:
+        z, t, noise = fd.draw(torch.Generator().manual_seed(3))
+        logit = logit_fn(fd._diffuse(generator(z), t, noise), t)
+        assert bool((logit > math.log(20)).any() and (logit < math.log(0.1)).any()), "the clip is not exercised"
+    expected = hand_dmd_step(fd, generator, seed=3, gan_logit=logit_fn, gan_weight=gan, h=h)
     fd.generator_step(torch.Generator().manual_seed(3))
     moved = sum(float((a - b).detach().abs().sum()) for a, b in zip(expected.parameters(), teacher.parameters()))
     assert moved > 1e-3
     for a, b in zip(fd.unwrapped_generator.parameters(), expected.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_generator_and_fake_score_start_from_the_teacher():
+    teacher = tiny_teacher()
+    fd = FDistill(teacher, teacher.sde, config=DistillConfig(divergence="reverse_kl", gan_weight=0.0, progress=False))
+    z = torch.randn(8, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    # the paper's student: the teacher run once from pure noise at T, x = x0_hat(prior_std z, T)
+    expected = tweedie_denoise(teacher, teacher.sde, teacher.sde.prior_std * z, torch.ones(8, dtype=torch.float64))
+    torch.testing.assert_close(fd.generator(z), expected, rtol=0, atol=0)
+    x_t = torch.randn(8, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    t = torch.rand(8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    torch.testing.assert_close(fd.fake_score(x_t, t), teacher(x_t, t), rtol=0, atol=0)
+    # copies, not the teacher itself: training them leaves the teacher frozen and unchanged
+    before = [p.clone() for p in teacher.parameters()]
+    fd.train(2)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters()))
+    assert not torch.equal(fd.fake_score(x_t, t), teacher(x_t, t))
+
+
+def test_five_critic_updates_per_generator_update():
+    # DMD2's two-time-scale rule as f-distill uses it: the defaults are the reference code's
+    cfg = DistillConfig(divergence="js", steps=3, batch_size=8, progress=False)
+    assert (cfg.critic_steps, cfg.ratio_clip, cfg.ratio_bins, cfg.logit_clamp) == (5, (0.1, 20.0), 10, 10.0)
+    teacher = tiny_teacher()
+    data = imbalanced_mixture().sample(64, torch.Generator().manual_seed(0), dtype=torch.float64)
+    fd = FDistill(teacher, teacher.sde, config=cfg, data=data)
+    fd.train()
+
+    def updates(opt):
+        return {int(state["step"]) for state in opt.state.values()}
+
+    assert updates(fd.opt_generator) == {3}
+    assert updates(fd.opt_fake) == {15} and updates(fd.opt_disc) == {15}
 
 
 # -- bad input -------------------------------------------------------------------------------------
