@@ -52,7 +52,7 @@ from .losses import dsm_loss
 from .nets.mlp import sinusoidal_embedding
 from .score import ScoreFn, ScoreModel, data_shape_of, tweedie_denoise
 from .sde import SDE, bcast
-from .training import _load_state, _resolve_precision, latest_checkpoint
+from .training import latest_checkpoint, load_state_checked, resolve_precision, update_ema
 
 __all__ = [
     "DIVERGENCES",
@@ -556,7 +556,7 @@ class FDistill:
         self.divergence_name = divergence if isinstance(divergence, str) else (
             getattr(divergence, "__name__", "custom") if divergence is not None else cfg.divergence)
         self.needs_ratio = self.h is not _reverse_kl
-        self.accelerator = acc = accelerator or Accelerator(mixed_precision=_resolve_precision(cfg.mixed_precision),
+        self.accelerator = acc = accelerator or Accelerator(mixed_precision=resolve_precision(cfg.mixed_precision),
                                                             cpu=not torch.cuda.is_available())
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.meta, self.callbacks = meta or {}, list(callbacks)
@@ -752,13 +752,8 @@ class FDistill:
         stats["generator"] = self._apply(loss, [self.opt_generator], [self.generator])
         return stats
 
-    @torch.no_grad()
     def _update_ema(self) -> None:
-        # Decay warmed up as in Trainer (TensorFlow's ExponentialMovingAverage(num_updates)).
-        decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
-        src = self.unwrapped_generator.state_dict()
-        for name, value in self.ema.state_dict().items():
-            value.lerp_(src[name].to(value.dtype), 1 - decay) if value.is_floating_point() else value.copy_(src[name])
+        update_ema(self.ema, self.unwrapped_generator, self.config.ema_decay, self.step)
 
     def train(self, steps: int | None = None) -> list[dict[str, float]]:
         """Run until ``steps`` (default ``config.steps``) generator updates are done; returns the history
@@ -859,7 +854,7 @@ class FDistill:
         device = self.accelerator.device
         for name, module in self._modules().items():
             tensors, _ = load_tensors(ckpt / f"{name}.safetensors", device)
-            _load_state(module, tensors, ckpt / f"{name}.safetensors")
+            load_state_checked(module, tensors, ckpt / f"{name}.safetensors")
         for name, opt in self._optimizers().items():
             tensors, rest = load_tensors(ckpt / f"optimizer_{name}.safetensors", device)
             opt.load_state_dict(optimizer_from_tensors(tensors, rest))
@@ -947,5 +942,5 @@ def load_generator(path: str | os.PathLike, generator: nn.Module | None = None, 
         sde = make_sde(sde_cfg.pop("name"), **sde_cfg)
         score = build_score_model(run.model, sde, tuple(meta["data_shape"]))
         generator = OneStepGenerator(score, sde, meta["time"], tuple(meta["data_shape"]))
-    _load_state(generator, tensors, Path(path))
+    load_state_checked(generator, tensors, Path(path))
     return generator.to(device).eval().requires_grad_(False), meta

@@ -32,7 +32,10 @@ from .checkpoint import (
     save_tensors,
 )
 
-__all__ = ["TrainConfig", "Trainer", "latest_checkpoint", "load_weights", "count_parameters", "MIXED_PRECISION"]
+__all__ = [
+    "TrainConfig", "Trainer", "latest_checkpoint", "load_weights", "load_state_checked", "count_parameters",
+    "update_ema", "resolve_precision", "MIXED_PRECISION",
+]
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 FORMAT = "scorekit-trainer/1"
@@ -80,7 +83,24 @@ class TrainConfig:
                 raise ValueError(msg)
 
 
-def _resolve_precision(name: str) -> str:
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
+    """``ema <- decay' ema + (1 - decay') model`` over the state dict, ``decay' = min(decay, (1 + step) / (10 + step))``.
+
+    The warm-up is TensorFlow's ``ExponentialMovingAverage(num_updates)``, so that short runs are not
+    dominated by the random initialisation; integer buffers are copied.
+    """
+    decay = min(decay, (1 + step) / (10 + step))
+    src = model.state_dict()
+    for name, value in ema.state_dict().items():
+        if value.is_floating_point():
+            value.lerp_(src[name].to(value.dtype), 1 - decay)
+        else:
+            value.copy_(src[name])
+
+
+def resolve_precision(name: str) -> str:
+    """accelerate's ``mixed_precision`` for ``name``; ``"auto"`` is bf16 where the GPU has it, else none."""
     if name != "auto":
         return name
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
@@ -146,7 +166,7 @@ class Trainer:
         # cpu=True on machines without CUDA lets accelerate pick its multi-process CPU (gloo) backend
         # under torchrun / accelerate launch.
         self.accelerator = acc = accelerator or Accelerator(
-            mixed_precision=_resolve_precision(cfg.mixed_precision), cpu=not torch.cuda.is_available()
+            mixed_precision=resolve_precision(cfg.mixed_precision), cpu=not torch.cuda.is_available()
         )
         self.loss_fn, self.callbacks, self.meta = loss_fn, list(callbacks), meta or {}
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -220,17 +240,8 @@ class Trainer:
         cfg = self.config
         return cfg.lr * min(1.0, (self.step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
 
-    @torch.no_grad()
     def _update_ema(self) -> None:
-        # Warm the decay up as TensorFlow's ExponentialMovingAverage(num_updates) does, so that short
-        # runs are not dominated by the random initialisation.
-        decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
-        src = self.unwrapped.state_dict()
-        for name, value in self.ema.state_dict().items():
-            if value.is_floating_point():
-                value.lerp_(src[name].to(value.dtype), 1 - decay)
-            else:
-                value.copy_(src[name])
+        update_ema(self.ema, self.unwrapped, self.config.ema_decay, self.step)
 
     def train(self, steps: int | None = None) -> list[float]:
         """Run until ``steps`` (default ``config.steps``) optimizer steps are done; returns the loss history."""
@@ -345,9 +356,9 @@ class Trainer:
             )
         device = acc.device
         model_sd, _ = load_tensors(ckpt / "model.safetensors", device)
-        _load_state(self.unwrapped, model_sd, ckpt / "model.safetensors")
+        load_state_checked(self.unwrapped, model_sd, ckpt / "model.safetensors")
         ema_sd, _ = load_tensors(ckpt / "ema.safetensors", device)
-        _load_state(self.ema, ema_sd, ckpt / "ema.safetensors")
+        load_state_checked(self.ema, ema_sd, ckpt / "ema.safetensors")
         opt_tensors, opt_rest = load_tensors(ckpt / "optimizer.safetensors", device)
         self.optimizer.load_state_dict(optimizer_from_tensors(opt_tensors, opt_rest))
         rank, _ = load_tensors(ckpt / f"rank-{acc.process_index}.safetensors")
@@ -358,7 +369,7 @@ class Trainer:
         return True
 
 
-def _load_state(module: nn.Module, state: dict[str, Tensor], source: Path) -> None:
+def load_state_checked(module: nn.Module, state: dict[str, Tensor], source: Path) -> None:
     """``load_state_dict`` with an error that names the file and the mismatching keys."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["add_config_args", "load_run_config"]
+__all__ = ["add_config_args", "config_overrides", "load_run_config"]
 
 
 def add_config_args(p: argparse.ArgumentParser, default_config: str | None = None) -> None:
@@ -19,15 +19,23 @@ def add_config_args(p: argparse.ArgumentParser, default_config: str | None = Non
                    help="config overrides, e.g. training.steps=500 sampling.n=16")
 
 
+def config_overrides(args: argparse.Namespace, flags: dict[str, str]) -> list[str]:
+    """The trailing ``section.key=value`` overrides plus ``key=value`` for each given flag.
+
+    ``flags`` maps an attribute of ``args`` to the dotted config key it overrides; flags left at
+    ``None`` are skipped, so the config's own value stands.
+    """
+    overrides = list(args.overrides)
+    for attr, key in flags.items():
+        value = getattr(args, attr)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    return overrides
+
+
 def load_run_config(args: argparse.Namespace):
     """The run config named by ``args.config`` with the command-line overrides applied."""
     from ..config import RunConfig, load_config
 
-    overrides = list(args.overrides)
-    if args.out_dir is not None:
-        overrides.append(f"out_dir={args.out_dir}")
-    if args.mixed_precision is not None:
-        overrides.append(f"training.mixed_precision={args.mixed_precision}")
-    if args.seed is not None:
-        overrides.append(f"training.seed={args.seed}")
-    return load_config(args.config, RunConfig, overrides)
+    flags = {"out_dir": "out_dir", "mixed_precision": "training.mixed_precision", "seed": "training.seed"}
+    return load_config(args.config, RunConfig, config_overrides(args, flags))

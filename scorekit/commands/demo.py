@@ -40,12 +40,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _config(args):
     from ..config import RunConfig, apply_overrides, from_dict, load_config
+    from . import config_overrides
 
-    overrides = list(args.overrides)
-    for key, value in (("out_dir", args.out_dir), ("training.steps", args.steps), ("sampling.n", args.n),
-                       ("training.seed", args.seed)):
-        if value is not None:
-            overrides.append(f"{key}={value}")
+    flags = {"out_dir": "out_dir", "steps": "training.steps", "n": "sampling.n", "seed": "training.seed"}
+    overrides = config_overrides(args, flags)
     if args.config:
         return load_config(args.config, RunConfig, overrides)
     import copy

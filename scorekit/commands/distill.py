@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..config import DataConfig
 from ..distill import DIVERGENCES, DistillConfig
-from . import add_config_args
+from . import add_config_args, config_overrides
 
 __all__ = ["DistillRunConfig", "add_parser", "run", "load_distill_config"]
 
@@ -44,12 +44,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def load_distill_config(args: argparse.Namespace) -> DistillRunConfig:
     from ..config import load_config
 
-    overrides = list(args.overrides)
-    for key, value in (("out_dir", args.out_dir), ("distill.mixed_precision", args.mixed_precision),
-                       ("distill.seed", args.seed), ("teacher", args.teacher), ("distill.divergence", args.divergence)):
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    return load_config(args.config, DistillRunConfig, overrides)
+    flags = {"out_dir": "out_dir", "mixed_precision": "distill.mixed_precision", "seed": "distill.seed",
+             "teacher": "teacher", "divergence": "distill.divergence"}
+    return load_config(args.config, DistillRunConfig, config_overrides(args, flags))
 
 
 def run(args: argparse.Namespace) -> int:

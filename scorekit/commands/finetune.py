@@ -41,7 +41,7 @@ from ..sara import (
     save_sara,
 )
 from ..training import FORMAT, TrainConfig, Trainer, latest_checkpoint
-from . import add_config_args
+from . import add_config_args, config_overrides
 
 __all__ = [
     "METHODS",
@@ -228,12 +228,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def load_finetune_config(args: argparse.Namespace) -> FinetuneConfig:
-    overrides = list(args.overrides)
-    for key, value in (("out_dir", args.out_dir), ("training.mixed_precision", args.mixed_precision),
-                       ("training.seed", args.seed), ("base", args.base), ("method", args.method)):
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    return load_config(args.config, FinetuneConfig, overrides)
+    flags = {"out_dir": "out_dir", "mixed_precision": "training.mixed_precision", "seed": "training.seed",
+             "base": "base", "method": "method"}
+    return load_config(args.config, FinetuneConfig, config_overrides(args, flags))
 
 
 def run(args: argparse.Namespace) -> int:
