@@ -143,5 +143,5 @@ def _overview(grids: dict, path: Path) -> None:
         ax.axis("off")
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
