@@ -110,7 +110,11 @@ def lora_rank_for_budget(model: nn.Module, modules: list[str], budget: int) -> i
 
 
 def _inject_lora(model: nn.Module, modules: list[str], r: int, alpha: float, dropout: float) -> nn.Module:
-    from peft import LoraConfig, inject_adapter_in_model
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError as err:
+        raise ImportError("method 'lora' trains through the peft package, which is not installed: "
+                          "pip install peft (or scorekit[bench])") from err
 
     # An anchored alternation of the full names: peft reads a string as a regex over full module names.
     pattern = "|".join(f"(?:{n.replace('.', '[.]')})" for n in modules)
