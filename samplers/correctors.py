@@ -64,11 +64,11 @@ def langevin(
 
     def step_size(score: Tensor, z: Tensor, t: Tensor) -> Tensor:
         score_norm = _mean_norm(score)
+        e = 2 * _alpha(sde, t) * (snr * _mean_norm(z) / score_norm) ** 2
         # a vanishing score (e.g. a zero-initialised output layer) leaves the rule without a scale: the
-        # step would be infinite, so the chain stays put instead of turning x into NaN
-        if score_norm == 0:
-            return torch.zeros_like(t)
-        return 2 * _alpha(sde, t) * (snr * _mean_norm(z) / score_norm) ** 2
+        # step would be infinite, so the chain stays put instead of turning x into NaN; torch.where
+        # keeps this off the host (no device sync per corrector step)
+        return torch.where(score_norm > 0, e, torch.zeros_like(e))
 
     return _langevin(score_fn, sde, x, t, n_steps, generator, step_size)
 

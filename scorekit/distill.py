@@ -29,7 +29,6 @@ import copy
 import dataclasses
 import math
 import os
-import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,6 @@ from tqdm.auto import tqdm
 
 from .checkpoint import (
     atomic_dir,
-    load_json,
     load_tensors,
     optimizer_from_tensors,
     optimizer_to_tensors,
@@ -52,7 +50,14 @@ from .losses import dsm_loss
 from .nets.mlp import sinusoidal_embedding
 from .score import ScoreFn, ScoreModel, data_shape_of, tweedie_denoise
 from .sde import SDE, bcast
-from .training import latest_checkpoint, load_state_checked, resolve_precision, update_ema
+from .training import (
+    latest_checkpoint,
+    load_state_checked,
+    prune_checkpoints,
+    read_checkpoint,
+    resolve_precision,
+    update_ema,
+)
 
 __all__ = [
     "DIVERGENCES",
@@ -837,9 +842,7 @@ class FDistill:
                     save_tensors(tensors, tmp / f"optimizer_{name}.safetensors", rest)
                 save_json({"format": FORMAT, "step": self.step, "history": self.history,
                            "config": dataclasses.asdict(self.config), "meta": self.meta}, tmp / "state.json")
-            kept = sorted(root.glob("step-*"))[-self.config.keep_checkpoints:]
-            for stale in set(root.glob("step-*")) - set(kept) - {final}:
-                shutil.rmtree(stale, ignore_errors=True)
+            prune_checkpoints(root, self.config.keep_checkpoints, final)
         acc.wait_for_everyone()
         return final
 
@@ -896,13 +899,7 @@ class EmpiricalCritic:
 
 def _newest_state(path: str | os.PathLike | None) -> tuple[Path, dict] | None:
     """The newest f-distill checkpoint under ``path`` and its ``state.json``, or ``None``."""
-    ckpt = latest_checkpoint(path) if path is not None else None
-    if ckpt is None:
-        return None
-    state = load_json(ckpt / "state.json")
-    if state.get("format") != FORMAT:
-        raise ValueError(f"{ckpt} is not an f-distill checkpoint (format {state.get('format')!r}, expected {FORMAT!r})")
-    return ckpt, state
+    return None if path is None else read_checkpoint(path, FORMAT, "an f-distill checkpoint")
 
 
 # -- one-step generator files ----------------------------------------------------------------------

@@ -34,7 +34,7 @@ from .checkpoint import (
 
 __all__ = [
     "TrainConfig", "Trainer", "latest_checkpoint", "load_weights", "load_state_checked", "count_parameters",
-    "update_ema", "resolve_precision", "MIXED_PRECISION",
+    "read_checkpoint", "prune_checkpoints", "update_ema", "resolve_precision", "MIXED_PRECISION",
 ]
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
@@ -120,15 +120,32 @@ def latest_checkpoint(path: str | os.PathLike) -> Path | None:
     return done[-1] if done else None
 
 
+def read_checkpoint(path: str | os.PathLike, fmt: str = FORMAT, kind: str = "a scorekit training checkpoint"
+                    ) -> tuple[Path, dict] | None:
+    """``(directory, state.json)`` of the newest complete checkpoint under ``path``, or ``None`` if there is
+    none; a checkpoint written in another format than ``fmt`` is an error naming ``kind``."""
+    ckpt = latest_checkpoint(path)
+    if ckpt is None:
+        return None
+    state = load_json(ckpt / "state.json")
+    if state.get("format") != fmt:
+        raise ValueError(f"{ckpt} is not {kind} (format {state.get('format')!r}, expected {fmt!r})")
+    return ckpt, state
+
+
+def prune_checkpoints(root: Path, keep: int, final: Path) -> None:
+    """Delete the ``step-*`` directories under ``root`` but the ``keep`` newest, ``final`` (just written) always among them."""
+    for old in sorted(p for p in root.glob("step-*") if p != final)[: -keep + 1 or None]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def load_weights(path: str | os.PathLike, ema: bool = True) -> tuple[dict[str, Tensor], dict]:
     """``(state_dict, state)`` of the newest checkpoint under ``path``: the EMA weights by default, and the
     checkpoint's JSON state (``state["meta"]`` holds what the caller stored, e.g. the run config)."""
-    ckpt = latest_checkpoint(path)
-    if ckpt is None:
+    found = read_checkpoint(path)
+    if found is None:
         raise FileNotFoundError(f"no scorekit checkpoint found under {path} (expected checkpoints/step-*/state.json)")
-    state = load_json(ckpt / "state.json")
-    if state.get("format") != FORMAT:
-        raise ValueError(f"{ckpt} is not a scorekit training checkpoint (format {state.get('format')!r}, expected {FORMAT!r})")
+    ckpt, state = found
     weights, _ = load_tensors(ckpt / ("ema.safetensors" if ema else "model.safetensors"))
     return weights, state
 
@@ -278,7 +295,7 @@ class Trainer:
             if self.out_dir is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
         bar.close()
-        if self.out_dir is not None and (latest_checkpoint(self.out_dir) is None or self._latest_step() != self.step):
+        if self.out_dir is not None and self._latest_step() != self.step:
             self.save_checkpoint()
         return self.history
 
@@ -334,20 +351,17 @@ class Trainer:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            for old in sorted(p for p in root.glob("step-*") if p != final)[: -self.config.keep_checkpoints + 1 or None]:
-                shutil.rmtree(old, ignore_errors=True)
+            prune_checkpoints(root, self.config.keep_checkpoints, final)
         acc.wait_for_everyone()
         return final
 
     def resume(self, path: str | os.PathLike | None = None) -> bool:
         """Restore the newest checkpoint under ``path`` (default ``out_dir``); returns whether one was found."""
         self._resumed = True
-        ckpt = latest_checkpoint(path if path is not None else self.out_dir)
-        if ckpt is None:
+        found = read_checkpoint(path if path is not None else self.out_dir)
+        if found is None:
             return False
-        state = load_json(ckpt / "state.json")
-        if state.get("format") != FORMAT:
-            raise ValueError(f"{ckpt} is not a scorekit training checkpoint (format {state.get('format')!r}, expected {FORMAT!r})")
+        ckpt, state = found
         acc = self.accelerator
         if state["world_size"] != acc.num_processes:
             raise ValueError(

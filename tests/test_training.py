@@ -14,11 +14,18 @@ from scipy import integrate
 from torch import nn
 
 from scorekit import VESDE, VPSDE, ScoreModel
-from scorekit.checkpoint import load_tensors, save_tensors
+from scorekit.checkpoint import load_tensors, save_json, save_tensors
 from scorekit.data import imbalanced_mixture
 from scorekit.losses import dsm_loss, make_dsm_loss
 from scorekit.nets import MLP
-from scorekit.training import TrainConfig, Trainer, latest_checkpoint, load_weights
+from scorekit.training import (
+    TrainConfig,
+    Trainer,
+    latest_checkpoint,
+    load_weights,
+    prune_checkpoints,
+    read_checkpoint,
+)
 
 
 @pytest.mark.parametrize("sde", [VPSDE(), VESDE(sigma_max=5)], ids=["vp", "ve"])
@@ -228,3 +235,16 @@ def test_dsm_training_learns_the_mixture():
     untrained = pc_sample(ScoreModel(MLP(2, hidden=128, depth=3), sde), sde, (4000, 2), steps=200,
                           generator=torch.Generator().manual_seed(2))
     assert sliced_wasserstein(untrained, reference, generator=torch.Generator().manual_seed(0)) > 0.5
+
+
+def test_checkpoint_of_another_format_is_named_and_pruning_keeps_the_newest(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        save_json({"format": "f-distill/1", "step": step}, root / f"step-{step:08d}" / "state.json")
+    with pytest.raises(ValueError, match=r"step-00000003 is not a scorekit training checkpoint .*'f-distill/1'"):
+        load_weights(tmp_path)
+    assert read_checkpoint(tmp_path, "f-distill/1", "an f-distill checkpoint")[1]["step"] == 3
+    assert read_checkpoint(tmp_path / "empty") is None
+    # the directory just written survives even when it is not the newest name
+    prune_checkpoints(root, 2, root / "step-00000001")
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000001", "step-00000003"]
