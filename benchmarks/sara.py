@@ -124,7 +124,9 @@ def finetune_config(args, method: str, out_dir: str, unstructured_backprop: bool
         data=DataConfig(name="digits", split="train", classes=NEW),
         training=TrainConfig(steps=args.steps, batch_size=128, lr=lr, ema_decay=0.999, checkpoint_every=0,
                              progress=args.progress, seed=1, resume=False),
-        sara=SaRAConfig(fraction=args.fraction, rank_lambda=5e-4, progressive_step=args.steps // 2,
+        sara=SaRAConfig(fraction=None if args.threshold else args.fraction, threshold=args.threshold,
+                        rank_lambda=args.rank_lambda,
+                        progressive_step=int(args.progressive * args.steps) or None,
                         unstructured_backprop=unstructured_backprop),
         out_dir=out_dir,
     )
@@ -287,6 +289,11 @@ def main(argv=None) -> int:
                    help="measure peak memory and step time (they do not depend on the learning rate)")
     p.add_argument("--name", default="sara", help="stem of the result files")
     p.add_argument("--fraction", type=float, default=0.1, help="SaRA: smallest-|w| share trained per weight")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="SaRA: train the entries with |w| < threshold (the paper's rule) instead of --fraction")
+    p.add_argument("--rank_lambda", type=float, default=5e-4, help="SaRA: nuclear-norm weight (the authors' 5e-4)")
+    p.add_argument("--progressive", type=float, default=0.5,
+                   help="SaRA: re-select at this share of the steps (the authors: 2,500 of 5,000); 0 for never")
     p.add_argument("--n_samples", type=int, default=1000)
     p.add_argument("--sample_steps", type=int, default=250)
     p.add_argument("--t0", type=float, default=0.3, help="SDEdit noise level for the forgetting metric")
@@ -320,7 +327,8 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     evals["base (digits 0-4)"] = evaluate(copy.deepcopy(base), args, old, ref_new, seed=2)
     rows["base (digits 0-4)"] = {k: v for k, v in evals["base (digits 0-4)"].items() if k not in ("samples", "recon")}
-    names = {"sara": f"SaRA (fraction {args.fraction})", "lora": "LoRA (peft)", "full": "full fine-tuning"}
+    rule = f"threshold {args.threshold:g}" if args.threshold else f"fraction {args.fraction}"
+    names = {"sara": f"SaRA ({rule})", "lora": "LoRA (peft)", "full": "full fine-tuning"}
     names = {m: names[m] + (f", lr {args.lr_for[m]:g}" if m in args.lr_for else "") for m in args.methods}
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods:
@@ -354,8 +362,12 @@ def main(argv=None) -> int:
     settings = (f"MLP score model (hidden {args.hidden}, depth {args.depth}, "
                 f"{sum(p.numel() for p in base.parameters()):,} parameters), VP SDE; pre-trained {args.pretrain_steps} "
                 f"steps on digits 0-4, fine-tuned {args.steps} steps on digits 5-9 (batch 128, AdamW lr {args.lr} unless "
-                f"the row says otherwise, EMA 0.999, seed 1) by each method. SaRA: smallest {args.fraction:.0%} of every Linear weight, "
-                f"rank_lambda 5e-4, progressive re-selection at step {args.steps // 2}. LoRA: rank "
+                f"the row says otherwise, EMA 0.999, seed 1) by each method. SaRA: "
+                + (f"entries with |w| < {args.threshold:g}" if args.threshold else f"smallest {args.fraction:.0%}")
+                + " of every Linear weight, "
+                f"rank_lambda {args.rank_lambda:g}, "
+                + (f"progressive re-selection at step {int(args.progressive * args.steps)}" if args.progressive else "no progressive re-selection")
+                + ". LoRA: rank "
                 f"{next((r['rank'] for r in rows.values() if 'rank' in r), '—')} on the same modules (closest "
                 f"trainable count). PC sampler "
                 f"({args.sample_steps} steps, reverse diffusion + Langevin), {args.n_samples} samples; SDEdit from "

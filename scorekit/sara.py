@@ -244,12 +244,18 @@ class SaRALayer(nn.Module):
     @torch.no_grad()
     def set_selection(self, indices: Tensor, values: Tensor, fixed_indices: Tensor, fixed_values: Tensor,
                       base: Tensor) -> None:
-        """Replace the selection in place (the ``sara_values`` Parameter object is kept, resized)."""
+        """Replace the selection. The ``sara_values`` Parameter object is kept when the number of trainable
+        entries stays the same, and replaced by a new one when it changes: autograd caches a leaf's shape in
+        its gradient accumulator, so resizing ``.data`` in place breaks the next backward."""
         # Put the pre-trained values back into the dense storage first: the new support may not cover
         # entries the unstructured backprop wrote to.
         self.base_layer.weight.view(-1).index_put_((self.support(),), self.sara_base)
-        self.sara_values.data = values.to(self.sara_values)
-        self.sara_values.grad = None
+        values = values.to(self.sara_values)
+        if values.shape == self.sara_values.shape:
+            self.sara_values.copy_(values)
+            self.sara_values.grad = None
+        else:
+            self.sara_values = nn.Parameter(values.clone(), requires_grad=self.sara_values.requires_grad)
         self.sara_indices = indices.to(self.sara_indices)
         self.sara_fixed_indices = fixed_indices.to(self.sara_fixed_indices)
         self.sara_fixed_values = fixed_values.to(self.sara_fixed_values)
@@ -263,8 +269,8 @@ class SaRALayer(nn.Module):
             incoming, own = state_dict.get(prefix + name), getattr(self, name)
             if incoming is not None and incoming.shape != own.shape:
                 resized = own.new_empty(incoming.shape)
-                if name == "sara_values":
-                    own.data = resized
+                if name == "sara_values":  # a new leaf, for the reason given in set_selection
+                    self.sara_values = nn.Parameter(resized, requires_grad=own.requires_grad)
                 else:
                     setattr(self, name, resized)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -517,17 +523,22 @@ def reselect(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -
     that became effective are released and kept frozen at their trained values; ineffective entries
     that were frozen join the trainable set (with a threshold this cannot happen, since frozen entries
     never drop below it; with a fraction it does). The adapted weight, hence every output, is unchanged.
-    The ``sara_values`` Parameter objects are kept (resized); pass ``optimizer`` to drop their stale state
-    (the authors restart the optimizer state here). Returns the new number of trainable entries.
+    A layer whose trainable count changes (always possible with a threshold, never with a fraction) gets a
+    new ``sara_values`` Parameter; pass ``optimizer`` to have it swapped into the optimizer's parameter
+    groups, and their stale state dropped (the authors restart the optimizer state here), or build a new
+    optimizer. Returns the new number of trainable entries.
     """
     total = 0
     for layer in _require_layers(model, "reselect").values():
+        old_param = layer.sara_values
         current, pretrained = layer.dense(adapted=True).view(-1), layer.dense(adapted=False).view(-1)
         old = layer.support()
         new = layer.config.select(current).to(old.dtype)
         released = old[~torch.isin(old, new)]
         layer.set_selection(new, current[new], released, current[released], pretrained[torch.cat([released, new])])
         if optimizer is not None:
-            optimizer.state.pop(layer.sara_values, None)
+            optimizer.state.pop(old_param, None)
+            for group in optimizer.param_groups:
+                group["params"] = [layer.sara_values if p is old_param else p for p in group["params"]]
         total += new.numel()
     return total

@@ -259,18 +259,30 @@ def test_reselect_with_fraction_keeps_outputs_and_trained_values_and_takes_in_ne
     train(model, steps=3)  # the optimizer keeps working with the resized parameters
 
 
-def test_reselect_with_threshold_only_releases_entries():
+def test_reselect_with_threshold_only_releases_entries_and_training_goes_on():
     model = apply_sara(make_small(), SaRAConfig(threshold=0.03))
-    train(model, steps=20, lr=0.05)
+    _, opt = train(model, steps=20, lr=0.05)
     old = {n: m.sara_indices.clone() for n, m in model.named_modules() if isinstance(m, SaRALayer)}
-    x, _ = batch()
+    x, y = batch()
+    # A training loop calls reselect while the last step's loss, hence its autograd graph, is still alive.
+    last_loss = (model(x) - y).pow(2).mean() + rank_penalty(model)
+    last_loss.backward()
     out = model(x).detach()
-    reselect(model)
+    reselect(model, opt)
     assert torch.equal(model(x), out)
     for name, layer in model.named_modules():
         if isinstance(layer, SaRALayer):
             assert torch.isin(layer.sara_indices, old[name]).all()
             assert (layer.sara_values.abs() < 0.03).all() and (layer.sara_fixed_values.abs() >= 0.03).all()
+    assert sum(p.numel() for p in trainable(model)) < sum(i.numel() for i in old.values())
+    # The shrunken selections are new Parameters; the optimizer passed to reselect now holds them (a
+    # resized leaf that kept its old gradient accumulator would fail in this backward).
+    assert [p for g in opt.param_groups for p in g["params"]] == trainable(model)
+    before = [p.detach().clone() for p in trainable(model)]
+    loss = (model(x) - y).pow(2).mean() + rank_penalty(model)
+    loss.backward()
+    opt.step()
+    assert all(not torch.equal(a, b) for a, b in zip(before, trainable(model)) if a.numel())
 
 
 def test_state_dict_after_reselect_loads_into_a_fresh_adapter():
