@@ -470,13 +470,16 @@ def finetune(base, out, *extra, method="sara"):
     assert main(args) == 0
 
 
-def test_finetune_sara_resumes_across_the_progressive_step(base_run, tmp_path):
+# With a threshold the re-selection shrinks the trainable set (new Parameters); with a fraction it keeps its size.
+@pytest.mark.parametrize("rule", [(), ("sara.fraction=null", "sara.threshold=0.02", "training.lr=0.01")],
+                         ids=["fraction", "threshold"])
+def test_finetune_sara_resumes_across_the_progressive_step(base_run, tmp_path, rule):
     from scorekit.checkpoint import load_tensors
     from scorekit.config import load_score_model
 
-    finetune(base_run, tmp_path / "once", "training.steps=6")
-    finetune(base_run, tmp_path / "split", "training.steps=4")  # stops after the re-selection (step 3)
-    finetune(base_run, tmp_path / "split", "training.steps=6")  # resumes from the step-4 checkpoint
+    finetune(base_run, tmp_path / "once", "training.steps=6", *rule)
+    finetune(base_run, tmp_path / "split", "training.steps=4", *rule)  # stops after the re-selection (step 3)
+    finetune(base_run, tmp_path / "split", "training.steps=6", *rule)  # resumes from the step-4 checkpoint
     once, _ = load_tensors(tmp_path / "once" / "adapter.safetensors")
     split, meta = load_tensors(tmp_path / "split" / "adapter.safetensors")
     assert once.keys() == split.keys() and all(torch.equal(once[k], split[k]) for k in once)
