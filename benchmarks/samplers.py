@@ -220,7 +220,9 @@ def mixture_section(args, nfes, out: list[str], curves: dict):
     ref_df2 = run_diffusers_vp(DIFFUSERS_VP["UniPCMultistep"], 999, mix.score_fn(vp_d), vp_d, x_T)
     out.append(
         f"Converged references: scorekit dopri5 (rtol=atol=1e-9, float64); diffusers DPMSolverMultistep "
-        f"999 steps (agrees with UniPC 999 steps to {(ref_df - ref_df2).abs().mean():.1e}).\n"
+        f"999 steps (agrees with UniPC 999 steps to {(ref_df - ref_df2).abs().mean():.1e}). NaN: diffusers' "
+        "DPMSolverMultistep and UniPC at 1000 steps, where their default 'linspace' spacing rounds two timesteps "
+        "to 500 and the step size h = lambda_t - lambda_s is 0.\n"
     )
 
     err, sw, lib = {}, {}, {}
