@@ -105,9 +105,14 @@ class LiveTensorPeak(TorchDispatchMode):
 
 # -- models -------------------------------------------------------------------------------------------
 def pretrain(args) -> Path:
-    out = args.cache / f"base-mlp{args.hidden}x{args.depth}-{args.pretrain_steps}"
+    if args.net == "mlp":
+        name, options = f"mlp{args.hidden}x{args.depth}", {"hidden": args.hidden, "depth": args.depth}
+    else:
+        name = "unet" + "-".join(map(str, args.unet_channels))
+        options = {"block_out_channels": args.unet_channels, "layers_per_block": 1}
+    out = args.cache / f"base-{name}-{args.pretrain_steps}"
     cfg = RunConfig(
-        model=ModelConfig(net="mlp", options={"hidden": args.hidden, "depth": args.depth}),
+        model=ModelConfig(net=args.net, options=options),
         data=DataConfig(name="digits", split="train", classes=OLD),
         training=TrainConfig(steps=args.pretrain_steps, batch_size=128, lr=1e-3, warmup=100, ema_decay=0.999,
                              checkpoint_every=0, progress=args.progress, seed=0),
@@ -278,6 +283,8 @@ def figure(evals: dict[str, dict], old: Tensor, path: Path, k: int = 12) -> None
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
+    p.add_argument("--net", choices=("mlp", "unet"), default="mlp", help="the pre-trained score network")
+    p.add_argument("--unet_channels", type=int, nargs="+", default=[16, 32, 32], help="--net unet: block_out_channels")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--depth", type=int, default=3)
     p.add_argument("--pretrain_steps", type=int, default=4000)
@@ -359,12 +366,14 @@ def main(argv=None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     md = table(rows)
-    settings = (f"MLP score model (hidden {args.hidden}, depth {args.depth}, "
+    net = (f"MLP score model (hidden {args.hidden}, depth {args.depth}, " if args.net == "mlp" else
+           f"diffusers UNet2DModel score model (block_out_channels {args.unet_channels}, one layer per block, ")
+    settings = (net +
                 f"{sum(p.numel() for p in base.parameters()):,} parameters), VP SDE; pre-trained {args.pretrain_steps} "
                 f"steps on digits 0-4, fine-tuned {args.steps} steps on digits 5-9 (batch 128, AdamW lr {args.lr} unless "
                 f"the row says otherwise, EMA 0.999, seed 1) by each method. SaRA: "
                 + (f"entries with |w| < {args.threshold:g}" if args.threshold else f"smallest {args.fraction:.0%}")
-                + " of every Linear weight, "
+                + " of every Linear/Conv weight, "
                 f"rank_lambda {args.rank_lambda:g}, "
                 + (f"progressive re-selection at step {int(args.progressive * args.steps)}" if args.progressive else "no progressive re-selection")
                 + ". LoRA: rank "
