@@ -508,3 +508,30 @@ def test_finetune_lora_matches_the_sara_budget_and_full_trains_everything(base_r
     full, _ = load_score_model(tmp_path / "full" / "merged")
     assert f"'trainable': {sum(p.numel() for p in base.parameters())}" in capsys.readouterr().out
     assert all(not torch.equal(p, q) for p, q in zip(base.parameters(), full.parameters()) if p.ndim == 2)
+
+
+def test_lora_budget_caps_the_rank_of_narrow_modules():
+    """A 1-channel conv (or a 3-output Linear) cannot take the global LoRA rank: it gets its own smaller rank
+    (scale alpha / r kept), and the global rank is chosen so that the total is the closest to SaRA's budget."""
+    from peft.tuners.lora import LoraLayer
+
+    from scorekit.commands.finetune import FinetuneConfig, prepare_model
+
+    base = make_small()
+    cfg = FinetuneConfig(method="lora", sara=SaRAConfig(fraction=0.3))
+    budget = sum(p.numel() for p in trainable(apply_sara(make_small(), cfg.sara)))
+    model, summary = prepare_model(copy.deepcopy(base), cfg)
+    r = summary["rank"]
+    shapes = {n: m.weight.shape for n, m in base.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+
+    def count(rank):
+        return sum(min(rank, s[0], math.prod(s[1:])) * (s[0] + math.prod(s[1:])) for s in shapes.values())
+
+    assert r > 4  # above the conv's (4 outputs) and the head's (3 outputs) widths
+    assert summary["trainable"] == count(r) == sum(p.numel() for p in trainable(model))
+    assert all(abs(count(r) - budget) <= abs(count(k) - budget) for k in range(1, 81))
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    assert layers["conv"].r["default"] == 4 and layers["out"].r["default"] == 3 and layers["hidden"].r["default"] == r
+    assert all(m.scaling["default"] == 1.0 for m in layers.values())
+    x, _ = batch()
+    torch.testing.assert_close(model(x), base(x))  # LoRA's B starts at zero

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,15 +99,20 @@ def trainable_count(model: nn.Module) -> int:
 def _lora_count(weight: Tensor, r: int) -> int:
     # peft: Linear -> A (r x in), B (out x r); ConvNd -> A conv(in -> r, same kernel), B 1x1 conv(r -> out).
     out_features, fan_in = weight.shape[0], weight[0].numel()
-    return r * (fan_in + out_features)
+    return min(r, _lora_cap(weight)) * (fan_in + out_features)
+
+
+def _lora_cap(weight: Tensor) -> int:
+    """The largest useful LoRA rank of a weight: its smaller side (a 1-channel output conv takes rank 1)."""
+    return min(weight.shape[0], weight[0].numel())
 
 
 def lora_rank_for_budget(model: nn.Module, modules: list[str], budget: int) -> int:
-    """The LoRA rank whose trainable-parameter count on ``modules`` is the closest to ``budget``."""
+    """The LoRA rank whose trainable-parameter count on ``modules`` is the closest to ``budget``, each module's
+    rank being capped at its weight's smaller side (see :func:`_inject_lora`)."""
     weights = [model.get_submodule(n).weight for n in modules]
-    per_rank = sum(_lora_count(w, 1) for w in weights)
-    max_rank = min(min(w.shape[0], w[0].numel()) for w in weights)
-    return int(min(max(round(budget / per_rank), 1), max_rank))
+    ranks = range(1, max(_lora_cap(w) for w in weights) + 1)
+    return min(ranks, key=lambda r: abs(sum(_lora_count(w, r) for w in weights) - budget))
 
 
 def _inject_lora(model: nn.Module, modules: list[str], r: int, alpha: float, dropout: float) -> nn.Module:
@@ -118,7 +124,14 @@ def _inject_lora(model: nn.Module, modules: list[str], r: int, alpha: float, dro
 
     # An anchored alternation of the full names: peft reads a string as a regex over full module names.
     pattern = "|".join(f"(?:{n.replace('.', '[.]')})" for n in modules)
-    return inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern), model)
+    # Modules narrower than r (the 1-channel input/output convs of an image UNet) get their own smaller rank,
+    # with alpha scaled alike so that every module keeps the scale alpha / r; one global rank capped at the
+    # narrowest module would leave the others far below the budget.
+    caps = {n: _lora_cap(model.get_submodule(n).weight) for n in modules}
+    small = {re.escape(n): c for n, c in caps.items() if c < r}
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern, rank_pattern=small,
+                        alpha_pattern={k: alpha * c / r for k, c in small.items()})
+    return inject_adapter_in_model(config, model)
 
 
 def prepare_model(base: nn.Module, cfg: FinetuneConfig) -> tuple[nn.Module, dict]:
