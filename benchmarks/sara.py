@@ -128,7 +128,7 @@ def finetune_config(args, method: str, out_dir: str, unstructured_backprop: bool
         method=method,
         data=DataConfig(name="digits", split="train", classes=NEW),
         training=TrainConfig(steps=args.steps, batch_size=128, lr=lr, ema_decay=0.999, checkpoint_every=0,
-                             progress=args.progress, seed=1, resume=False),
+                             progress=args.progress, seed=args.seed, resume=False),
         sara=SaRAConfig(fraction=None if args.threshold else args.fraction, threshold=args.threshold,
                         rank_lambda=args.rank_lambda,
                         progressive_step=int(args.progressive * args.steps) or None,
@@ -301,6 +301,7 @@ def main(argv=None) -> int:
     p.add_argument("--rank_lambda", type=float, default=5e-4, help="SaRA: nuclear-norm weight (the authors' 5e-4)")
     p.add_argument("--progressive", type=float, default=0.5,
                    help="SaRA: re-select at this share of the steps (the authors: 2,500 of 5,000); 0 for never")
+    p.add_argument("--seed", type=int, default=1, help="fine-tuning seed (the samplers' seed is fixed)")
     p.add_argument("--n_samples", type=int, default=1000)
     p.add_argument("--sample_steps", type=int, default=250)
     p.add_argument("--t0", type=float, default=0.3, help="SDEdit noise level for the forgetting metric")
@@ -371,7 +372,7 @@ def main(argv=None) -> int:
     settings = (net +
                 f"{sum(p.numel() for p in base.parameters()):,} parameters), VP SDE; pre-trained {args.pretrain_steps} "
                 f"steps on digits 0-4, fine-tuned {args.steps} steps on digits 5-9 (batch 128, AdamW lr {args.lr} unless "
-                f"the row says otherwise, EMA 0.999, seed 1) by each method. SaRA: "
+                f"the row says otherwise, EMA 0.999, seed {args.seed}) by each method. SaRA: "
                 + (f"entries with |w| < {args.threshold:g}" if args.threshold else f"smallest {args.fraction:.0%}")
                 + " of every Linear/Conv weight, "
                 f"rank_lambda {args.rank_lambda:g}, "
