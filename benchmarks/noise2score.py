@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from scipy import special
 
+from scorekit.checkpoint import load_json, save_json
 from scorekit.data import load_image
 from scorekit.metrics import psnr, ssim
 from scorekit.noise2score import Noise2Score, ScoreUNet, _extract_patches, _random_dihedral, _step_decay
@@ -144,14 +145,14 @@ def cached(name: str, steps: int, args, fit: Callable[[], tuple[Noise2Score, flo
     (with its training time), so that re-running the evaluation does not re-train."""
     key = (f"{name}-w{args.width}-d{args.depth}-steps{steps}-lr{args.lr:g}-b{args.batch_size}-p{args.patch_size}"
            f"-n{args.n_patches}-anneal{args.anneal:g}-seed{args.seed}")
-    path, seconds = args.cache / f"{key}.safetensors", args.cache / f"{key}.seconds"
-    if path.exists() and seconds.exists():
+    path, timing = args.cache / f"{key}.safetensors", args.cache / f"{key}.json"
+    if path.exists() and timing.exists():
         print(f"loaded {path}", flush=True)
-        return Noise2Score.load(path), float(seconds.read_text())
+        return Noise2Score.load(path), load_json(timing)["seconds"]
     model, took = fit()
     args.cache.mkdir(parents=True, exist_ok=True)
     model.save(path)
-    seconds.write_text(f"{took:.1f}")
+    save_json({"seconds": took}, timing)  # written last: its presence marks a complete entry
     return model, took
 
 

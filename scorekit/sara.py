@@ -523,10 +523,10 @@ def reselect(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -
     that became effective are released and kept frozen at their trained values; ineffective entries
     that were frozen join the trainable set (with a threshold this cannot happen, since frozen entries
     never drop below it; with a fraction it does). The adapted weight, hence every output, is unchanged.
-    A layer whose trainable count changes (with a threshold it shrinks as trained entries grow past it; with a
-    fraction it never changes) gets a new ``sara_values`` Parameter; pass ``optimizer`` to have it swapped into the optimizer's parameter
-    groups, and their stale state dropped (the authors restart the optimizer state here), or build a new
-    optimizer. Returns the new number of trainable entries.
+    A layer whose trainable count changes (with a threshold it shrinks as trained entries grow past it;
+    with a fraction it never changes) gets a new ``sara_values`` Parameter. Pass ``optimizer`` to have the
+    new Parameters swapped into its parameter groups and the stale state dropped (the authors restart the
+    optimizer state here), or build a new optimizer. Returns the new number of trainable entries.
     """
     total = 0
     for layer in _require_layers(model, "reselect").values():
