@@ -11,7 +11,7 @@
      pulls: its generator never left the common modes. Starting the fake score at the teacher removes
      that error, as initialising both from one network does in the paper.)
    - oracle: exact critics of the generator's empirical law (scorekit.distill.EmpiricalCritic), which
-     isolates the h(r) weighting from critic errors (notes, section 1.6 B).
+     isolates the h(r) weighting of the paper (eq. 7) from critic errors.
    Reported per divergence and variant (mean over seeds): the rare mode's share at the end (true 0.05),
    its mean share over the run (how fast the missed mode is recovered), and sliced W to the mixture.
 2. Digits. A VP teacher (an MLP score model trained here and cached under outputs/, or any `scorekit
@@ -20,10 +20,10 @@
    digits, against the teacher's own PC sampler at 1000 NFE (500 reverse-diffusion + Langevin steps),
    and wall time per sample. Image grids per divergence go to benchmarks/results/.
 
-    OMP_NUM_THREADS=1 python benchmarks/distill.py              # default, about 20 min on one core
-    OMP_NUM_THREADS=1 python benchmarks/distill.py --quick      # a few minutes
-    python benchmarks/distill.py --divergences all --seeds 3 --digits-steps 2000
-    python benchmarks/distill.py --sections digits --teacher outputs/digits_vp
+    OMP_NUM_THREADS=1 python -m benchmarks.distill              # default, about 20 min on one core
+    OMP_NUM_THREADS=1 python -m benchmarks.distill --quick      # a few minutes
+    python -m benchmarks.distill --divergences all --seeds 3 --digits-steps 2000
+    python -m benchmarks.distill --sections digits --teacher outputs/digits_vp
 """
 
 from __future__ import annotations
@@ -34,42 +34,37 @@ import sys
 import time
 from pathlib import Path
 
-# Run as a script, this folder comes first on sys.path and would shadow the samplers package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from samplers import pc_sample  # noqa: E402
-from scorekit import VPSDE, ScoreModel  # noqa: E402
-from scorekit.data import GaussianMixture, imbalanced_mixture, load_digits  # noqa: E402
-from scorekit.distill import (  # noqa: E402
+from samplers import pc_sample
+from scorekit import VPSDE, ScoreModel
+from scorekit.data import GaussianMixture, imbalanced_mixture, load_digits
+from scorekit.distill import (
     DIVERGENCES,
     DistillConfig,
+    DistillTrainConfig,
     EmpiricalCritic,
     FDistill,
     MLPDiscriminator,
 )
-from scorekit.losses import make_dsm_loss  # noqa: E402
-from scorekit.metrics import fd_digits, sliced_wasserstein  # noqa: E402
-from scorekit.nets import MLP  # noqa: E402
-from scorekit.training import TrainConfig, Trainer  # noqa: E402
+from scorekit.fd_digits import fd_digits
+from scorekit.metrics import sliced_wasserstein
+from scorekit.nets import MLP
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from ._harness import RESULTS, best_time, digits_teacher, gen, seed_all, write_results
+
 SECTIONS = ("mixture", "digits")
 DEFAULT_DIVERGENCES = ("reverse_kl", "softened_reverse_kl", "js", "hellinger", "forward_kl", "jeffreys")
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 # -- 1. the mixture ------------------------------------------------------------------------------------
 def distill_2d(args, generator, teacher_mix, divergence, steps, lr, variant, seed, data=None, record=None):
     """One f-distill run on a 2-D mixture teacher with exact score; returns the FDistill object."""
     sde = VPSDE()
-    cfg = DistillConfig(divergence=divergence, steps=steps, batch_size=256, lr=lr, ema_decay=0.95,
-                        gan_weight=0.0 if variant == "oracle" else args.gan_weight, seed=seed, progress=False)
+    cfg = DistillConfig(divergence=divergence, gan_weight=0.0 if variant == "oracle" else args.gan_weight,
+                        training=DistillTrainConfig(steps=steps, batch_size=256, lr=lr, ema_decay=0.95, seed=seed,
+                                                    progress=False))
     callbacks = [record] if record else []
     kw = {}
     if variant == "oracle":
@@ -78,7 +73,7 @@ def distill_2d(args, generator, teacher_mix, divergence, steps, lr, variant, see
         kw = dict(fake_score=critic.score, discriminator=critic.log_ratio)
         callbacks.insert(0, critic.refresh)
     else:
-        torch.manual_seed(seed)
+        seed_all(seed)
         fake = ResidualFakeScore(teacher_mix.score_fn(sde), sde)
         kw = dict(fake_score=fake, discriminator=MLPDiscriminator(2), data=data)
     fd = FDistill(teacher_mix.score_fn(sde), sde, generator, config=cfg, data_shape=(2,), callbacks=callbacks, **kw)
@@ -111,7 +106,7 @@ def mixture_section(args, out: list[str]) -> None:
     rows: dict[tuple[str, str], list[tuple[float, float, float, float]]] = {}
     finals: dict[tuple[str, str], torch.Tensor] = {}
     for seed in range(args.seeds):
-        torch.manual_seed(seed)
+        seed_all(seed)
         start = nn.Sequential(nn.Linear(2, 64), nn.SiLU(), nn.Linear(64, 64), nn.SiLU(), nn.Linear(64, 2))
         distill_2d(args, start, common, "reverse_kl", 100, 1e-2, "oracle", seed)
         start_sw, start_share = sliced_wasserstein(start(z_eval).detach(), ref), share(start(z_eval).detach())
@@ -175,37 +170,24 @@ def plot_mixture(finals, names, variants, path: Path) -> None:
 
 
 # -- 2. digits -----------------------------------------------------------------------------------------
-def digits_teacher(args) -> ScoreModel:
+def load_teacher(args) -> ScoreModel:
     if args.teacher is not None:
         from scorekit.config import load_score_model
 
         return load_score_model(args.teacher)[0]
-    sde = VPSDE()
-    x, _ = load_digits("train")
-    torch.manual_seed(0)
-    model = ScoreModel(MLP((1, 8, 8), hidden=args.teacher_hidden, depth=3), sde, prediction="eps")
-    cfg = TrainConfig(steps=args.teacher_steps, batch_size=128, lr=2e-3, warmup=100, ema_decay=0.999,
-                      checkpoint_every=0, progress=args.progress, mixed_precision="no")
-    out_dir = args.cache / f"teacher_mlp{args.teacher_hidden}"
-    trainer = Trainer(model, make_dsm_loss(sde), x, cfg, out_dir=out_dir)
-    trainer.train()
-    print(f"  teacher: MLP {args.teacher_hidden}x3, {trainer.step} steps (cached in {out_dir})", flush=True)
-    return trainer.ema.eval().requires_grad_(False)
+    return digits_teacher(hidden=args.teacher_hidden, steps=args.teacher_steps, cache=args.cache,
+                          progress=args.progress)[0]
 
 
 def per_sample_seconds(fn, n: int, repeats: int) -> tuple[torch.Tensor, float]:
-    best, x = float("inf"), None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        x = fn()
-        best = min(best, time.perf_counter() - t0)
+    x, best = best_time(fn, repeats)
     return x, best / n
 
 
 def digits_section(args, out: list[str]) -> None:
     from scorekit.viz import save_image_grid
 
-    teacher = digits_teacher(args)
+    teacher = load_teacher(args)
     sde = teacher.sde
     real, _ = load_digits("all")
     train, _ = load_digits("train")
@@ -219,9 +201,10 @@ def digits_section(args, out: list[str]) -> None:
     print(f"  teacher PC 1000 NFE: FD-digits {fd_teacher:.2f}, {pc_time * 1e3:.2f} ms/sample", flush=True)
     rows = [("teacher, PC reverse diffusion + Langevin", 1000, fd_teacher, pc_time)]
     for name in args.digits_divergences:
-        cfg = DistillConfig(divergence=name, steps=args.digits_steps, batch_size=args.digits_batch, lr=args.digits_lr,
-                            ema_decay=0.99, generator_time=args.generator_time, checkpoint_every=250,
-                            progress=args.progress, seed=0)
+        cfg = DistillConfig(divergence=name, generator_time=args.generator_time,
+                            training=DistillTrainConfig(steps=args.digits_steps, batch_size=args.digits_batch,
+                                                        lr=args.digits_lr, ema_decay=0.99, checkpoint_every=250,
+                                                        progress=args.progress, seed=0))
         out_dir = args.cache / f"fd_{args.teacher_tag()}_{name}_t{args.generator_time}_lr{args.digits_lr}"
         fd = FDistill(teacher, sde, config=cfg, data=train, out_dir=out_dir)
         if name == args.digits_divergences[0]:
@@ -293,7 +276,7 @@ def main(argv=None) -> int:
                                  "(EMA weights)")
     torch.set_num_threads(args.threads)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = ["# f-distill benchmark\n", f"Command: `python benchmarks/distill.py {' '.join(argv or sys.argv[1:])}`\n"]
+    out = ["# f-distill benchmark\n", f"Command: `python -m benchmarks.distill {' '.join(argv or sys.argv[1:])}`\n"]
     t0 = time.perf_counter()
     if "mixture" in args.sections:
         print("mixture:", flush=True)
@@ -303,11 +286,8 @@ def main(argv=None) -> int:
         digits_section(args, out)
     out.append(f"Total wall time {time.perf_counter() - t0:.0f} s ({args.threads} thread(s)).\n")
     text = "\n".join(out)
-    path = RESULTS / f"distill{args.tag}.md"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
     print(text)
+    write_results(RESULTS / f"distill{args.tag}.md", text)
     return 0
 
 

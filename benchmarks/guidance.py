@@ -19,7 +19,7 @@ whose images the score ranked highest (per-class mean) in a run with class 0 cut
 is not singled out (AUC 0.45), and guidance toward the top level then lowers its share while still
 raising the samples' minority score (``--rare-class 0``, results in ``guidance_rare0.md``).
 
-Table columns, in the feature space of the shipped FD-digits network (``scorekit.metrics``) unless said
+Table columns, in the feature space of the shipped FD-digits network (``scorekit.fd_digits``) unless said
 otherwise: rare share (fraction of samples the digits classifier labels as the rare class; the training
 set has 5%), FD-digits to the real rare class (all ~180 real images of it; lower = closer to the
 minority), FD-digits to the training set, k-NN precision/recall (k = 3) against the training set, Vendi
@@ -27,9 +27,9 @@ score (diversity), the samples' mean minority score under the model and the shar
 top-level threshold (10% of the training set), NFE per sample (score evaluations, self-guidance's
 included) and wall time. Samples are clipped to [-1, 1] as the reference samplers do.
 
-    OMP_NUM_THREADS=1 python benchmarks/guidance.py                 # default run (its time is in the results file)
-    OMP_NUM_THREADS=1 python benchmarks/guidance.py --rare-class 0 --out benchmarks/results/guidance_rare0.md
-    OMP_NUM_THREADS=1 python benchmarks/guidance.py --quick         # small training and sampling, a few minutes
+    OMP_NUM_THREADS=1 python -m benchmarks.guidance                 # default run (its time is in the results file)
+    OMP_NUM_THREADS=1 python -m benchmarks.guidance --rare-class 0 --out benchmarks/results/guidance_rare0.md
+    OMP_NUM_THREADS=1 python -m benchmarks.guidance --quick         # small training and sampling, a few minutes
 """
 
 from __future__ import annotations
@@ -39,52 +39,25 @@ import sys
 import time
 from pathlib import Path
 
-# Run as a script, this folder comes first on sys.path and this file would shadow the guidance package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import torch
+from sklearn.metrics import roc_auc_score
 
-import torch  # noqa: E402
-from sklearn.metrics import roc_auc_score  # noqa: E402
-
-from guidance.classifier import default_classifier_config  # noqa: E402
-from guidance.minority import (  # noqa: E402
+from guidance.classifier import default_classifier_config
+from guidance.minority import (
     MinorityClassifier,
     MinorityGuidance,
     SelfMinorityGuidance,
     minority_score,
     train_minority_classifier,
 )
-from samplers import count_nfe, pc_sample  # noqa: E402
-from scorekit import VPSDE, ScoreModel  # noqa: E402
-from scorekit.checkpoint import atomic_path  # noqa: E402
-from scorekit.data import load_digits, make_imbalanced  # noqa: E402
-from scorekit.losses import make_dsm_loss  # noqa: E402
-from scorekit.metrics import (  # noqa: E402
-    digits_classifier,
-    digits_features,
-    frechet_distance,
-    precision_recall,
-    vendi_score,
-)
-from scorekit.nets import MLP  # noqa: E402
-from scorekit.nets.classifier import make_classifier  # noqa: E402
-from scorekit.training import TrainConfig, Trainer  # noqa: E402
-from scorekit.viz import save_image_grid  # noqa: E402
+from samplers import count_nfe, pc_sample
+from scorekit.data import load_digits, make_imbalanced
+from scorekit.fd_digits import digits_classifier, digits_features
+from scorekit.metrics import frechet_distance, precision_recall, vendi_score
+from scorekit.nets.classifier import make_classifier
+from scorekit.viz import save_image_grid
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def score_model(args, x) -> ScoreModel:
-    """The VP score model of the imbalanced set, trained (or resumed from the cache) by the Trainer."""
-    sde = VPSDE()
-    torch.manual_seed(0)
-    model = ScoreModel(MLP((1, 8, 8), hidden=args.hidden, depth=3), sde, prediction="eps")
-    cfg = TrainConfig(steps=args.score_steps, batch_size=128, lr=1e-3, warmup=100, ema_decay=0.999,
-                      checkpoint_every=0, progress=args.progress, mixed_precision="no")
-    trainer = Trainer(model, make_dsm_loss(sde), x, cfg, out_dir=args.cache / "score")
-    t0 = time.perf_counter()
-    trainer.train()
-    print(f"score model: {trainer.step} steps ({time.perf_counter() - t0:.0f} s now)", flush=True)
-    return trainer.ema.eval().requires_grad_(False)
+from ._harness import RESULTS, digits_teacher, gen, seed_all, write_results
 
 
 def minority_classifier(args, model, x, scores) -> MinorityClassifier:
@@ -93,7 +66,7 @@ def minority_classifier(args, model, x, scores) -> MinorityClassifier:
     if path.is_file():
         print(f"minority classifier: cached {path}", flush=True)
         return MinorityClassifier.load(path)
-    torch.manual_seed(1)
+    seed_all(1)
     net = make_classifier((1, 8, 8), args.levels, channels=(16, 32))
     cfg = default_classifier_config(steps=args.clf_steps, batch_size=128, lr=1e-3, progress=args.progress,
                                     checkpoint_every=0, mixed_precision="no")
@@ -146,9 +119,10 @@ def main(argv=None) -> int:
     x, y = make_imbalanced(x_all, y_all, args.rare_class, args.share, seed=0)
     rare = y == args.rare_class
     print(f"training set: {len(x)} images, {int(rare.sum())} of class {args.rare_class} ({float(rare.double().mean()):.3f})")
-    model = score_model(args, x)
+    model, _ = digits_teacher(hidden=args.hidden, steps=args.score_steps, lr=1e-3, data=x, cache=args.cache,
+                              progress=args.progress)
     sde = model.sde
-    scores = minority_score(model, sde, x, generator=torch.Generator().manual_seed(2))
+    scores = minority_score(model, sde, x, generator=gen(2))
     mc = minority_classifier(args, model, x, scores)
     auc = roc_auc_score(rare.numpy(), scores.numpy())
     top = float((mc.assign(scores)[rare] == args.levels - 1).double().mean())
@@ -165,19 +139,19 @@ def main(argv=None) -> int:
     configs[f"minority, level 0, w={args.scales[-1]:g}"] = lambda score: [MinorityGuidance(mc, 0, args.scales[-1])]
     for w in args.self_scales:
         configs[f"self-guided, w={w:g}"] = lambda score, w=w: [
-            SelfMinorityGuidance(score, sde, w, generator=torch.Generator().manual_seed(3))]
+            SelfMinorityGuidance(score, sde, w, generator=gen(3))]
 
-    x_T = torch.randn(args.n, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    x_T = torch.randn(args.n, 1, 8, 8, generator=gen(4))
     rows: list[dict] = []
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for i, (name, plugins) in enumerate(configs.items()):
         score = count_nfe(model)
         t0 = time.perf_counter()
         samples = pc_sample(score, sde, None, predictor="ancestral", corrector=None, steps=args.steps, x_T=x_T,
-                            guidance=plugins(score), generator=torch.Generator().manual_seed(5), progress=args.progress)
+                            guidance=plugins(score), generator=gen(5), progress=args.progress)
         seconds = time.perf_counter() - t0
         samples = samples.clamp(-1, 1)  # the pixel range, as the reference samplers clip their output
-        ms = minority_score(model, sde, samples, generator=torch.Generator().manual_seed(6))
+        ms = minority_score(model, sde, samples, generator=gen(6))
         row = {"name": name, **evaluate(samples, train_feats, rare_feats, args.rare_class, ms, mc.thresholds[-1]),
                "NFE": score.samples / args.n, "time [s]": seconds}
         rows.append(row)
@@ -192,7 +166,7 @@ def main(argv=None) -> int:
     cols = [k for k in rows[0] if k != "name"]
     command = " ".join(argv if argv is not None else sys.argv[1:])
     header = (
-        f"Written by `benchmarks/guidance.py {command}` (torch {torch.__version__}, {torch.get_num_threads()} "
+        f"Written by `python -m benchmarks.guidance {command}` (torch {torch.__version__}, {torch.get_num_threads()} "
         f"thread(s); {time.perf_counter() - t_start:.0f} s, which includes training only when it was not cached)."
     )
     setup = (
@@ -217,9 +191,8 @@ def main(argv=None) -> int:
     lines += ["", "Grids (first 100 samples of each row, same order): "
               + ", ".join(f"`{args.out.stem}_{i}.png` ({name})" for i, name in enumerate(configs)), ""]
     text = "\n".join(lines)
-    with atomic_path(args.out) as tmp:
-        tmp.write_text(text)
-    print("\n" + text + f"\nwrote {args.out}")
+    print("\n" + text)
+    write_results(args.out, text)
     return 0
 
 

@@ -19,11 +19,11 @@ wavelet is BayesShrink (db1, soft) with the true sigma. "supervised" is the pape
 Gaussian rows: the same network trained on the same patches with their clean targets. PSNR/SSIM are on
 outputs clipped to [0, 1] (``scorekit.metrics``, which match scikit-image). CPU only:
 
-    python benchmarks/noise2score.py            # full run (~35 min of training + 5 min on one core)
-    python benchmarks/noise2score.py --quick    # smoke run: tiny training, one test image
+    python -m benchmarks.noise2score            # full run (~35 min of training + 5 min on one core)
+    python -m benchmarks.noise2score --quick    # smoke run: tiny training, one test image
     # on two cores: train in two processes, then evaluate (trained networks are cached under --cache)
-    python benchmarks/noise2score.py --train-only gaussian & python benchmarks/noise2score.py \
-        --train-only supervised poisson gamma; wait; python benchmarks/noise2score.py
+    python -m benchmarks.noise2score --train-only gaussian & python -m benchmarks.noise2score \
+        --train-only supervised poisson gamma; wait; python -m benchmarks.noise2score
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ from scorekit.metrics import psnr, ssim
 from scorekit.noise2score import Noise2Score, ScoreUNet, _extract_patches, _random_dihedral, _step_decay
 from scorekit.training import TrainConfig, Trainer
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from ._harness import RESULTS, gen, seed_all, write_results
+
 TRAIN = ("coffee", "chelsea", "rocket", "brick", "grass", "gravel", "moon", "page", "text")
 TEST = ("camera", "astronaut", "coins")
 GAUSSIAN_SIGMAS = (15, 25, 50)
@@ -105,7 +106,7 @@ def _config(steps: int, args) -> TrainConfig:
 
 
 def train(noise: str, noisy: list[torch.Tensor], level, steps: int, args) -> tuple[Noise2Score, float]:
-    torch.manual_seed(args.seed)
+    seed_all(args.seed)
     scale = level if noise == "poisson" else 1.0  # the Poisson network sees counts; this keeps its inputs in [0, 1]
     model = Noise2Score(ScoreUNet(1, args.width, args.depth, input_scale=scale), noise)
     t0 = time.perf_counter()
@@ -122,10 +123,10 @@ def train_supervised(noisy: list[torch.Tensor], clean: list[torch.Tensor], sigma
     alike, as AR-DAE does; the ``sigma^2``-weighted form usual in diffusion models spends the network on
     sigma 50 instead (camera, sigma 15 / 25 / 50: 27.7 / 23.2 / 23.3 dB, against AR-DAE's 30.0 / 26.5 / 23.1).
     The gap to it is what learning from noisy images alone costs."""
-    torch.manual_seed(args.seed)
+    seed_all(args.seed)
     net = ScoreUNet(1, args.width, args.depth)
     stacks = [torch.cat([y, x, torch.full_like(y, s)]) for y, x, s in zip(noisy, clean, sigmas)]
-    data = _extract_patches(stacks, args.patch_size, args.n_patches, torch.Generator().manual_seed(args.seed))
+    data = _extract_patches(stacks, args.patch_size, args.n_patches, gen(args.seed))
 
     def dsm(model, batch, generator):
         batch = _random_dihedral(batch, generator)
@@ -265,7 +266,7 @@ def main() -> None:
     print(report)
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
-    (args.out / f"noise2score{suffix}.md").write_text(report)
+    write_results(args.out / f"noise2score{suffix}.md", report)
     plot(panel, args.out / f"noise2score{suffix}.png")
 
 

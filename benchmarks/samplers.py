@@ -22,9 +22,9 @@ Peers use their defaults except: DDIM and DDPM with clip_sample=False and timest
 scorekit's (0.01, 50, 0.16). diffusers' DPMSolverMultistep and UniPC produce NaN at 1000 steps with
 their default "linspace" spacing (rounded timesteps repeat, h = 0), reported as such.
 
-    python benchmarks/samplers.py            # default run, about 10 minutes on 2 CPU cores
-    python benchmarks/samplers.py --quick    # fewer samples and NFE, a minute or two
-    python benchmarks/samplers.py --sections mixture timing --n 8000
+    python -m benchmarks.samplers            # default run, about 10 minutes on 2 CPU cores
+    python -m benchmarks.samplers --quick    # fewer samples and NFE, a minute or two
+    python -m benchmarks.samplers --sections mixture timing --n 8000
 """
 
 from __future__ import annotations
@@ -35,11 +35,8 @@ import sys
 import time
 from pathlib import Path
 
-# Run as a script, this folder comes first on sys.path and this file would shadow the samplers package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-import torch  # noqa: E402
-from diffusers import (  # noqa: E402
+import torch
+from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
@@ -48,12 +45,14 @@ from diffusers import (  # noqa: E402
     UniPCMultistepScheduler,
 )
 
-from samplers import count_nfe, ode_sample, pc_sample  # noqa: E402
-from scorekit import VESDE, VPSDE, ScoreModel  # noqa: E402
-from scorekit.data import imbalanced_mixture, load_digits  # noqa: E402
-from scorekit.metrics import fd_digits, sliced_wasserstein  # noqa: E402
+from samplers import count_nfe, ode_sample, pc_sample
+from scorekit import VESDE, VPSDE, ScoreModel
+from scorekit.data import imbalanced_mixture, load_digits
+from scorekit.fd_digits import fd_digits
+from scorekit.metrics import sliced_wasserstein
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from ._harness import RESULTS, digits_teacher, fmt, gen, write_results
+
 NFES = (5, 10, 20, 50, 100, 1000)
 SECTIONS = ("mixture", "timing", "digits")
 EPS_VP, EPS_VE = 1e-3, 1e-5
@@ -173,18 +172,6 @@ STOCHASTIC = {  # name -> (library, sde, NFE per step, run)
 
 
 # -- helpers -----------------------------------------------------------------------------------------
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def fmt(v, digits=4) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float) and math.isnan(v):
-        return "NaN"
-    return f"{v:.{digits}f}" if abs(v) >= 10**-digits or v == 0 else f"{v:.1e}"
-
-
 def table(
     title: str, rows: dict[str, dict[int, float | None]], nfes, digits=4, lib: dict | None = None
 ) -> str:
@@ -373,34 +360,9 @@ def timing_section(args, out: list[str]):
 
 # -- section 3: digits -------------------------------------------------------------------------------
 def digits_model(args) -> ScoreModel:
-    from scorekit.losses import make_dsm_loss
-    from scorekit.nets import MLP
-    from scorekit.training import TrainConfig, Trainer
-
-    sde = VPSDE()
-    x, _ = load_digits("train")
-    torch.manual_seed(0)
-    model = ScoreModel(MLP((1, 8, 8), hidden=args.digits_hidden, depth=3), sde, prediction="eps")
-    cfg = TrainConfig(
-        steps=args.digits_steps,
-        batch_size=128,
-        lr=2e-3,
-        warmup=100,
-        ema_decay=0.999,
-        checkpoint_every=0,
-        progress=args.progress,
-        mixed_precision="no",
-    )
-    out_dir = args.digits_dir / f"mlp{args.digits_hidden}"
-    trainer = Trainer(model, make_dsm_loss(sde), x, cfg, out_dir=out_dir)
-    t0 = time.perf_counter()
-    trainer.train()
-    print(
-        f"  digits model: {trainer.step} steps (cached in {out_dir}; {time.perf_counter() - t0:.0f}s now)",
-        flush=True,
-    )
-    args.digits_trained = trainer.step  # a cached model may have been trained longer
-    return trainer.ema.eval()
+    model, args.digits_trained = digits_teacher(hidden=args.digits_hidden, steps=args.digits_steps,
+                                                cache=args.digits_dir, progress=args.progress)
+    return model
 
 
 def digits_section(args, nfes, out: list[str], curves: dict):
@@ -551,7 +513,7 @@ def main(argv=None) -> int:
     out = [
         "# Samplers benchmark: scorekit vs diffusers on the same score",
         "",
-        f"Written by `python benchmarks/samplers.py {flags}`; {docs}. "
+        f"Written by `python -m benchmarks.samplers {flags}`; {docs}. "
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s).",
         "",
     ]
@@ -571,13 +533,9 @@ def main(argv=None) -> int:
     out.append(f"Total run time {time.perf_counter() - t0:.0f} s.\n")
     text = "\n".join(out)
     print("\n" + text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(args.out)
+    write_results(args.out, text)
     if curves:  # the timing section alone has nothing to plot
         plot(curves, args.out.with_suffix(".png"))
-    print(f"wrote {args.out}" + (f" and {args.out.with_suffix('.png')}" if curves else ""))
     return 0
 
 

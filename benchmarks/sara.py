@@ -2,7 +2,7 @@
 
 A VP score model (scorekit's MLP) is pre-trained with the Trainer on digits 0-4, then fine-tuned on
 digits 5-9 only, by each method with the same steps, batches, learning rate and seeds
-(``scorekit.commands.finetune``, the code behind ``scorekit finetune``). Reported per method:
+(``scorekit.finetune``, the code behind ``scorekit finetune``). Reported per method:
 
 - trainable parameters and adapter file size (SaRA: values + int32 indices; LoRA: peft's A/B; full:
   the whole model);
@@ -24,9 +24,9 @@ digits 5-9 only, by each method with the same steps, batches, learning rate and 
   still labels with the original digit (at the default ``t0 = 0.3`` the base model keeps 53%; at 0.5
   it drops to chance, 20%, so the label share says nothing there).
 
-    python benchmarks/sara.py            # default (~15 min on one loaded CPU core; base model cached)
-    python benchmarks/sara.py --quick    # smoke run
-    python benchmarks/sara.py --methods sara lora --lr_for sara=3e-3 lora=3e-4 --no-costs --name sara_lr
+    python -m benchmarks.sara            # default (~15 min on one loaded CPU core; base model cached)
+    python -m benchmarks.sara --quick    # smoke run
+    python -m benchmarks.sara --methods sara lora --lr_for sara=3e-3 lora=3e-4 --no-costs --name sara_lr
 
 Writes ``benchmarks/results/<name>.md`` (table) and ``<name>.png`` (samples); ``name`` is ``sara`` by default.
 """
@@ -37,7 +37,6 @@ import argparse
 import copy
 import functools
 import statistics
-import sys
 import tempfile
 import time
 import weakref
@@ -48,24 +47,17 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from samplers import CORRECTORS, PREDICTORS, pc_sample, pc_step
-from scorekit.commands.finetune import (
-    FinetuneConfig,
-    make_finetune_trainer,
-    prepare_model,
-    write_outputs,
-)
-from scorekit.commands.train import make_trainer
-from scorekit.config import DataConfig, ModelConfig, RunConfig, load_score_model
+from scorekit.config import DataConfig, ModelConfig, RunConfig, build_trainer, load_score_model
 from scorekit.data import load_digits
+from scorekit.fd_digits import digits_classifier, fd_digits
+from scorekit.finetune import FinetuneConfig, make_finetune_trainer, prepare_model, write_outputs
 from scorekit.losses import make_dsm_loss
-from scorekit.metrics import digits_classifier, fd_digits
 from scorekit.sara import SaRAConfig, rank_penalty
 from scorekit.training import TrainConfig
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from ._harness import RESULTS, gen, seed_all, write_results
+
 OLD, NEW = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
 METHODS = ("sara", "lora", "full")
 
@@ -118,7 +110,7 @@ def pretrain(args) -> Path:
                              checkpoint_every=0, progress=args.progress, seed=0),
         out_dir=str(out),
     )
-    make_trainer(cfg).train()  # resumes (does nothing) when the cached run is complete
+    build_trainer(cfg).train()  # resumes (does nothing) when the cached run is complete
     return out
 
 
@@ -150,13 +142,13 @@ def _adamw_step(model: nn.Module, opt: torch.optim.Optimizer, dsm, batch: Tensor
 def training_step(args, base: nn.Module, x: Tensor, method: str, unstructured_backprop: bool = True):
     """A fresh copy of ``base`` prepared for ``method`` and a closure running one AdamW step on one batch."""
     cfg = finetune_config(args, method, "", unstructured_backprop)
-    torch.manual_seed(0)
+    seed_all(0)
     model, _ = prepare_model(copy.deepcopy(base), cfg)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.training.lr)
     batch = x[:128].clone()
     step = functools.partial(_adamw_step, model, opt, make_dsm_loss(base.sde), batch,
-                             torch.Generator().manual_seed(0), method == "sara")
+                             gen(0), method == "sara")
     return model, batch, step
 
 
@@ -214,7 +206,7 @@ def sdedit(model, x0: Tensor, t0: float, steps: int, generator: torch.Generator)
 def evaluate(model, args, old: tuple[Tensor, Tensor], ref_new: Tensor, seed: int) -> dict:
     model.eval()
     classifier = digits_classifier()
-    g = torch.Generator().manual_seed(seed)
+    g = gen(seed)
     samples = pc_sample(model, model.sde, (args.n_samples, 1, 8, 8), steps=args.sample_steps, generator=g)
     recon = sdedit(model, old[0], args.t0, max(1, round(args.sample_steps * args.t0)), g)
     # Pixels outside [-1, 1] are a sampler's overshoot; the data (and the metrics) live in [-1, 1].
@@ -322,7 +314,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.pretrain_steps, args.steps, args.n_samples, args.sample_steps, args.time_steps = 200, 40, 200, 50, 5
         args.out = args.cache / "quick"
-    torch.manual_seed(0)
+    seed_all(0)
 
     base_dir = pretrain(args)
     base, _ = load_score_model(base_dir)
@@ -387,7 +379,7 @@ def main(argv=None) -> int:
                 f"(methods interleaved) on {torch.get_num_threads()} CPU thread(s). "
                 f"Fine-tuning + evaluation took {elapsed:.0f} s.")
     text = f"# SaRA vs LoRA vs full fine-tuning (digits 0-4 -> 5-9)\n\n{settings}\n\n{md}\n"
-    (args.out / f"{args.name}.md").write_text(text)
+    write_results(args.out / f"{args.name}.md", text)
     figure(evals, old[0], args.out / f"{args.name}.png")
     print(text)
     return 0

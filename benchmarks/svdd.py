@@ -1,7 +1,7 @@
 """SVDD on digits with a non-differentiable reward: reward quantiles and naturalness at equal network evaluations.
 
 The reward is PNG compressibility (minus the PNG file size in bytes of the 8x8 image quantised to the
-digits' 17 grey levels, ``guidance.svdd.digits_compressibility``), the small-image counterpart of the
+digits' 17 grey levels, ``guidance.rewards.digits_compressibility``), the small-image counterpart of the
 paper's JPEG compressibility task; it is piecewise constant, so gradient guidance cannot use it. On
 scikit-learn's digits
 
@@ -14,11 +14,11 @@ scikit-learn's digits
 
 Columns: network evaluations (NFE) of the score model per sample, reward calls and value-network calls
 per sample, the reward's median / 90th percentile / mean (the paper's Table 1 reports median and 90th
-percentile), FD-digits to the held-out test split (``scorekit.metrics.fd_digits``: do samples stay
+percentile), FD-digits to the held-out test split (``scorekit.fd_digits``: do samples stay
 digits?) and wall time. SVDD-MC's rollouts are a one-off cost, listed separately.
 
-    OMP_NUM_THREADS=1 python benchmarks/svdd.py           # default run (time in the results file)
-    OMP_NUM_THREADS=1 python benchmarks/svdd.py --quick   # a short training and fewer samples
+    OMP_NUM_THREADS=1 python -m benchmarks.svdd           # default run (time in the results file)
+    OMP_NUM_THREADS=1 python -m benchmarks.svdd --quick   # a short training and fewer samples
 """
 
 from __future__ import annotations
@@ -29,50 +29,31 @@ import sys
 import time
 from pathlib import Path
 
-# Run as a script, this folder comes first on sys.path and benchmarks/guidance.py would shadow the package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
-from guidance.svdd import SVDD, best_of_n, default_value_config, digits_compressibility, fit_value_function  # noqa: E402
-from samplers import count_nfe, pc_sample  # noqa: E402
-from scorekit import VPSDE, ScoreModel  # noqa: E402
-from scorekit.data import load_digits  # noqa: E402
-from scorekit.losses import make_dsm_loss  # noqa: E402
-from scorekit.metrics import fd_digits  # noqa: E402
-from scorekit.nets import MLP  # noqa: E402
-from scorekit.nets.classifier import make_classifier  # noqa: E402
-from scorekit.training import TrainConfig, Trainer  # noqa: E402
-from scorekit.viz import image_grid  # noqa: E402
+from guidance.rewards import digits_compressibility
+from guidance.svdd import SVDD, best_of_n, default_value_config, fit_value_function
+from samplers import count_nfe, pc_sample
+from scorekit import ScoreModel
+from scorekit.data import load_digits
+from scorekit.fd_digits import fd_digits
+from scorekit.nets.classifier import make_classifier
+from scorekit.viz import image_grid
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from ._harness import RESULTS, digits_teacher, gen, seed_all, write_results
+
 REWARD = digits_compressibility
-
-
-def score_model(args) -> ScoreModel:
-    """The VP score model of the digits training split, trained (or resumed from the cache) by the Trainer."""
-    sde = VPSDE()
-    torch.manual_seed(0)
-    model = ScoreModel(MLP((1, 8, 8), hidden=args.hidden, depth=args.depth), sde, prediction="eps")
-    cfg = TrainConfig(steps=args.score_steps, batch_size=128, lr=1e-3, warmup=100, ema_decay=0.999,
-                      checkpoint_every=0, progress=args.progress, mixed_precision="no")
-    trainer = Trainer(model, make_dsm_loss(sde), load_digits("train")[0], cfg,
-                      out_dir=args.cache / f"score_h{args.hidden}_d{args.depth}_s{args.score_steps}")
-    t0 = time.perf_counter()
-    trainer.train()
-    print(f"score model: {trainer.step} steps ({time.perf_counter() - t0:.0f} s now)", flush=True)
-    return trainer.ema.eval().requires_grad_(False)
 
 
 def run(args, model: ScoreModel, n: int, guidance=(), seed: int = 0) -> tuple[torch.Tensor, float]:
     """``(samples, NFE per sample)`` of the shared sampler, clipped to the data range [-1, 1]."""
     counted = count_nfe(model)
     x = pc_sample(counted, model.sde, (n, 1, 8, 8), predictor="reverse_diffusion", corrector=None, steps=args.steps,
-                  guidance=guidance, generator=torch.Generator().manual_seed(seed), progress=args.progress)
+                  guidance=guidance, generator=gen(seed), progress=args.progress)
     return x.clamp(-1, 1), counted.samples / n
 
 
@@ -87,13 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--score_steps", type=int, default=4000)
     p.add_argument("--rollouts", type=int, default=512, help="pretrained rollouts for SVDD-MC's value network")
     p.add_argument("--value_steps", type=int, default=2000)
-    p.add_argument("--cache", type=Path, default=Path("outputs/svdd_bench"))
+    p.add_argument("--cache", type=Path, default=Path("outputs/svdd_bench"), help="cached teacher and value network")
     p.add_argument("--progress", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
         args.samples, args.score_steps, args.rollouts, args.value_steps = 64, 800, 128, 500
     t_start = time.perf_counter()
-    model = score_model(args)
+    model, _ = digits_teacher(hidden=args.hidden, depth=args.depth, steps=args.score_steps, lr=1e-3,
+                              cache=args.cache, progress=args.progress)
     m, n, k = args.candidates, args.samples, args.steps
     test = load_digits("test")[0]
     rows, grids = [], []
@@ -132,11 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     record(f"SVDD-R (M={m}, worst 5% resampled)", x, nfe, svdd.reward_evals / n, 0, time.perf_counter() - t0)
 
     t0 = time.perf_counter()
-    torch.manual_seed(0)
+    seed_all(0)
     value = fit_value_function(model, model.sde, REWARD, (1, 8, 8), num_rollouts=args.rollouts, steps=k,
                                net=make_classifier((1, 8, 8), 1, net="mlp", hidden=256),
                                config=default_value_config(steps=args.value_steps, progress=args.progress),
-                               generator=torch.Generator().manual_seed(3),
+                               generator=gen(3),
                                out_dir=args.cache / f"value_s{args.score_steps}_r{args.rollouts}_v{args.value_steps}")
     fit_time = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -145,13 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     record(f"SVDD-MC (M={m})", x, nfe, svdd.reward_evals / n, svdd.value_evals / n, time.perf_counter() - t0)
 
     total = time.perf_counter() - t_start
-    write_results(args, rows, grids, fit_time, total)
+    report(args, rows, grids, fit_time, total)
     return 0
 
 
-def write_results(args, rows, grids, fit_time: float, total: float) -> None:
+def report(args, rows, grids, fit_time: float, total: float) -> None:
     name = "svdd_quick" if args.quick else "svdd"
-    RESULTS.mkdir(parents=True, exist_ok=True)
     cols = ["method", "NFE", "reward calls", "value calls", "median", "90%", "mean", "FD-digits", "time [s]"]
 
     def fmt(v):
@@ -162,7 +143,7 @@ def write_results(args, rows, grids, fit_time: float, total: float) -> None:
     m, k = args.candidates, args.steps
     text = f"""# SVDD on digits: PNG compressibility
 
-Written by `benchmarks/svdd.py{' --quick' if args.quick else ''}` (torch {torch.__version__}, {torch.get_num_threads()} thread(s), total {total:.0f} s including cached training).
+Written by `python -m benchmarks.svdd{' --quick' if args.quick else ''}` (torch {torch.__version__}, {torch.get_num_threads()} thread(s), total {total:.0f} s including cached training).
 
 Score model: MLP (hidden {args.hidden}, depth {args.depth}, eps prediction) on the VP SDE, {args.score_steps} Trainer steps on the digits train split.
 Sampler: `pc_sample`, reverse-diffusion predictor, no corrector, {k} steps; {args.samples} samples per row. Reward: minus the PNG size in bytes at 17 grey levels (higher = more compressible).
@@ -173,8 +154,8 @@ FD-digits is measured against the test split (the train split's own row is the f
 
 NFE and calls are per sample. Grids (first 64 samples of each row): `{name}_grids.png`; reward distributions: `{name}_rewards.png`.
 """
-    (RESULTS / f"{name}.md").write_text(text)
     print(text)
+    write_results(RESULTS / f"{name}.md", text)
 
     fig, axes = plt.subplots(1, len(grids), figsize=(2.2 * len(grids), 2.6))
     for ax, (label, x) in zip(axes, grids):

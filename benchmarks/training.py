@@ -7,8 +7,8 @@ only; ``bare+clip+ema`` adds what the Trainer does per step (gradient clipping, 
 timed window). Peak memory is the process's peak resident set on CPU (``ru_maxrss``) and
 ``torch.cuda.max_memory_allocated`` on GPU.
 
-    python benchmarks/training.py --net mlp --steps 300
-    python benchmarks/training.py --net unet --steps 50 --device cuda
+    python -m benchmarks.training --net mlp --steps 300
+    python -m benchmarks.training --net unet --steps 50 --device cuda
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from ._harness import RESULTS, write_results
+
 VARIANTS = ("bare", "bare+clip+ema", "Trainer")
 
 
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     for variant in VARIANTS:
         runs = []
         for _ in range(args.repeats):
-            cmd = [sys.executable, __file__, "--child", variant, "--net", args.net, "--steps", str(args.steps),
+            cmd = [sys.executable, "-m", "benchmarks.training", "--child", variant, "--net", args.net, "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--batch", str(args.batch), "--device", args.device]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -121,8 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {v} | {r['steps_per_s']:.1f} | {base / r['steps_per_s']:.3f}x | {r['peak_mb']:.0f} |")
     table = "\n".join(lines)
     print(table)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"training_{args.net}_{args.device.split(':')[0]}.md").write_text(table + "\n")
+    write_results(RESULTS / f"training_{args.net}_{args.device.split(':')[0]}.md", table + "\n")
 
     import matplotlib
 

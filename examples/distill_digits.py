@@ -18,9 +18,16 @@ import torch
 from samplers import pc_sample
 from scorekit import VPSDE, ScoreModel
 from scorekit.data import load_digits
-from scorekit.distill import DIVERGENCES, DistillConfig, FDistill, OneStepGenerator, load_generator
+from scorekit.distill import (
+    DIVERGENCES,
+    DistillConfig,
+    DistillTrainConfig,
+    FDistill,
+    OneStepGenerator,
+    load_generator,
+)
+from scorekit.fd_digits import fd_digits
 from scorekit.losses import make_dsm_loss
-from scorekit.metrics import fd_digits
 from scorekit.nets import MLP
 from scorekit.training import TrainConfig, Trainer
 from scorekit.viz import save_image_grid
@@ -54,8 +61,8 @@ def main() -> None:
 
     # The generator starts as the teacher network denoising pure noise in one step at t = 0.4, where the
     # eps-to-x0 conversion amplifies network errors by sigma/alpha = 2 rather than 150 at t = T.
-    config = DistillConfig(divergence=args.divergence, steps=args.steps, lr=1e-4, batch_size=128, ema_decay=0.99,
-                           generator_time=0.4)
+    config = DistillConfig(divergence=args.divergence, generator_time=0.4,
+                           training=DistillTrainConfig(steps=args.steps, lr=1e-4, batch_size=128, ema_decay=0.99))
     fd = FDistill(teacher, teacher.sde, config=config, data=load_digits("train")[0],
                   out_dir=args.out_dir / args.divergence)
     fd.train()

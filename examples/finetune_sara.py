@@ -21,8 +21,8 @@ import torch
 from samplers import pc_sample
 from scorekit import VPSDE, ScoreModel
 from scorekit.data import load_digits
+from scorekit.fd_digits import fd_digits
 from scorekit.losses import make_dsm_loss
-from scorekit.metrics import fd_digits
 from scorekit.nets import MLP
 from scorekit.sara import (
     SaRAConfig,

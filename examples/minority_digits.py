@@ -34,9 +34,8 @@ import torch
 from guidance.classifier import default_classifier_config
 from guidance.minority import MinorityGuidance, train_minority_classifier
 from samplers import pc_sample
-from scorekit.commands.train import make_trainer
-from scorekit.config import RunConfig, build_data, load_config, load_score_model
-from scorekit.metrics import digits_classifier
+from scorekit.config import RunConfig, build_data, build_trainer, load_config, load_score_model
+from scorekit.fd_digits import digits_classifier
 from scorekit.nets.classifier import make_classifier
 from scorekit.viz import image_grid
 
@@ -59,7 +58,7 @@ def main() -> None:
         "sampling": {"sampler": "pc", "predictor": "ancestral", "corrector": None, "steps": 250},
         "out_dir": str(args.out_dir / "score"),
     }, RunConfig)
-    make_trainer(run).train()  # resumes (or returns at once) when the run directory holds checkpoints
+    build_trainer(run).train()  # resumes (or returns at once) when the run directory holds checkpoints
     model, _ = load_score_model(run.out_dir)
     x, y = build_data(run.data)
     print(f"{len(x)} training images, {int((y == args.rare_class).sum())} of them {args.rare_class}s")

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from guidance.svdd import SVDD, load_reward
+from guidance.rewards import load_reward
+from guidance.svdd import SVDD
 from samplers import pc_sample
 from scorekit import VPSDE, ScoreModel
 from scorekit.data import load_digits

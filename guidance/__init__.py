@@ -7,6 +7,7 @@ in list order.
 
 from .base import Guidance, apply_score_guidance, apply_step_guidance
 from .classifier import ClassifierGuidance, load_classifier, save_classifier, train_noisy_classifier
+from .dps import RewardGradientGuidance
 from .minority import (
     MinorityClassifier,
     MinorityGuidance,
@@ -15,7 +16,8 @@ from .minority import (
     quantize_levels,
     train_minority_classifier,
 )
-from .svdd import SVDD, RewardGradientGuidance, best_of_n, fit_value_function, load_reward
+from .rewards import REWARDS, load_reward
+from .svdd import SVDD, best_of_n, fit_value_function
 
 __all__ = [
     "Guidance",
@@ -36,4 +38,5 @@ __all__ = [
     "best_of_n",
     "fit_value_function",
     "load_reward",
+    "REWARDS",
 ]

@@ -12,7 +12,6 @@ minority-score settings): :func:`save_classifier`, :func:`load_classifier`.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable
 
@@ -20,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scorekit.checkpoint import load_checkpoint, save_checkpoint
+from samplers.hooks import Guidance, ScoreFn
+from scorekit.checkpoint import load_tensors, save_tensors
 from scorekit.nets.classifier import classifier_from_config
 from scorekit.sde import SDE, batch_time, bcast, make_sde
 from scorekit.training import TrainConfig, Trainer
-
-from .base import Guidance, ScoreFn
+from scorekit.validate import guidance_scale
 
 __all__ = [
     "ClassifierGuidance",
@@ -93,14 +92,6 @@ def classifier_log_prob_grad(classifier: Classifier, x: Tensor, t: Tensor | floa
     return grad
 
 
-def _check_scale(scale: float) -> float:
-    scale = float(scale)
-    if not math.isfinite(scale) or scale < 0:
-        raise ValueError(f"the guidance scale must be a finite number >= 0 (0 = no guidance, 1 = the exact "
-                         f"conditional), got {scale}")
-    return scale
-
-
 def _check_target(target: int | Tensor, num: int | None, what: str) -> int | Tensor:
     values = torch.as_tensor(target)
     if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
@@ -133,7 +124,7 @@ class ClassifierGuidance(Guidance):
         self.num_classes = num_classes if num_classes is not None else out_dim
         self.classifier = classifier
         self.target = _check_target(target, self.num_classes, self.what)
-        self.scale = _check_scale(scale)
+        self.scale = guidance_scale(scale)
         #: the SDE the classifier was trained on, when loaded from a checkpoint
         self.sde: SDE | None = None
 
@@ -226,14 +217,14 @@ def save_classifier(path: str | os.PathLike, classifier: nn.Module, sde: SDE, *,
                         f"architecture in .config); got {type(classifier).__name__}")
     meta = {"format": CLASSIFIER_FORMAT, "kind": kind, "architecture": config,
             "num_classes": int(classifier.out_dim), "sde": sde.config(), **(extra or {})}
-    save_checkpoint(path, classifier.state_dict(), meta)
+    save_tensors(classifier.state_dict(), path, meta)
 
 
 def load_classifier(path: str | os.PathLike, device: str | torch.device = "cpu",
                     kind: str | None = None) -> tuple[nn.Module, dict]:
     """``(classifier, meta)`` from a file written by :func:`save_classifier`; the classifier is in eval
     mode with its weights frozen. ``kind`` (``"classifier"``/``"minority"``), if given, must match."""
-    tensors, meta = load_checkpoint(path, device)
+    tensors, meta = load_tensors(path, device)
     if meta.get("format") != CLASSIFIER_FORMAT:
         raise ValueError(f"{path} is not a scorekit classifier (format {meta.get('format')!r}, "
                          f"expected {CLASSIFIER_FORMAT!r})")

@@ -20,14 +20,14 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from samplers.hooks import Guidance, ScoreFn
 from scorekit.score import tweedie_denoise
 from scorekit.sde import SDE, batch_time, bcast, make_sde
 from scorekit.training import TrainConfig
+from scorekit.validate import guidance_scale, int_at_least, positive_int
 
-from .base import Guidance, ScoreFn
 from .classifier import (
     ClassifierGuidance,
-    _check_scale,
     load_classifier,
     perturb,
     save_classifier,
@@ -143,10 +143,7 @@ def minority_score(
 
     Returns a float tensor of shape ``(batch,)``; larger means more unique.
     """
-    if isinstance(n, bool) or int(n) != n or n < 1:
-        raise ValueError(f"n (number of noise draws) must be a positive integer, got {n!r}")
-    if int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    n, batch_size = positive_int(n, "n (number of noise draws)"), positive_int(batch_size, "batch_size")
     dist = _distance(distance)
     s = perturbation_time(sde, t=t, alpha_bar=alpha_bar, snr=snr)
     scores = []
@@ -170,8 +167,7 @@ def quantize_levels(scores: Tensor, num_levels: int = 100) -> tuple[Tensor, Tens
     most unique (the reference code's labelling; L = 100 there).
     """
     scores = torch.as_tensor(scores).flatten()
-    if isinstance(num_levels, bool) or int(num_levels) != num_levels or num_levels < 2:
-        raise ValueError(f"num_levels must be an integer >= 2, got {num_levels!r}")
+    num_levels = int_at_least(num_levels, 2, "num_levels")
     if scores.numel() < num_levels:
         raise ValueError(f"{scores.numel()} scores cannot fill {num_levels} equal-mass levels; "
                          "use fewer levels or more data")
@@ -353,11 +349,9 @@ class SelfMinorityGuidance(Guidance):
             raise TypeError(f"sde must be a scorekit SDE, got {type(sde).__name__}")
         if not 0 < p_ratio <= 1:
             raise ValueError(f"p_ratio (re-noising time as a fraction of T) must lie in (0, 1], got {p_ratio}")
-        for name, v in (("inter_rate", inter_rate), ("n", n)):
-            if isinstance(v, bool) or int(v) != v or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        self.score_fn, self.sde, self.scale = score_fn, sde, _check_scale(scale)
-        self.p_ratio, self.inter_rate, self.n = float(p_ratio), int(inter_rate), int(n)
+        self.score_fn, self.sde, self.scale = score_fn, sde, guidance_scale(scale)
+        self.p_ratio, self.inter_rate = float(p_ratio), positive_int(inter_rate, "inter_rate")
+        self.n = positive_int(n, "n")
         self.distance, self.normalize, self.generator = _distance(distance), bool(normalize), generator
 
     def direction(self, x: Tensor, t: Tensor | float) -> Tensor:

@@ -29,131 +29,30 @@ value calls; wrap the score in :func:`samplers.count_nfe` to count network evalu
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import io
 import math
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 
+from samplers.hooks import Guidance, ScoreFn, StepFn
+from samplers.masked import masked_step, masked_time_steps
+from samplers.pc import pc_step, time_steps
+from samplers.predictors import PREDICTORS
 from scorekit.discrete import MaskedDiffusion
 from scorekit.nets.classifier import make_classifier
 from scorekit.score import tweedie_denoise
 from scorekit.sde import SDE, batch_time
 from scorekit.training import TrainConfig, Trainer
+from scorekit.validate import int_at_least, positive_int
 
-from .base import Guidance, ScoreFn, StepFn
-from .classifier import _check_scale
+from .rewards import RewardFn, checked_values
 
-__all__ = [
-    "SVDD",
-    "RewardGradientGuidance",
-    "ValueFunction",
-    "best_of_n",
-    "collect_rollouts",
-    "fit_value_function",
-    "posterior_mean",
-    "load_reward",
-    "png_compressibility",
-    "digits_compressibility",
-    "ink_mass",
-    "REWARDS",
-]
+__all__ = ["SVDD", "ValueFunction", "best_of_n", "collect_rollouts", "default_value_config", "fit_value_function",
+           "posterior_mean"]
 
-RewardFn = Callable[[Tensor], Tensor]
 ValueFn = Callable[[Tensor, Tensor], Tensor]
-
-
-# -- rewards -------------------------------------------------------------------------------------
-def _to_uint8(x: Tensor, levels: int) -> np.ndarray:
-    """Images in [-1, 1] quantised to ``levels`` equally spaced grey levels, as uint8."""
-    q = torch.round((x.detach().float().clamp(-1, 1) + 1) / 2 * (levels - 1))
-    return (q * (255 / (levels - 1))).round().to(torch.uint8).cpu().numpy()
-
-
-def png_compressibility(x: Tensor, levels: int = 256) -> Tensor:
-    """Minus the PNG file size in bytes of each image (``(B, C, H, W)``, values in ``[-1, 1]``), after
-    quantising it to ``levels`` grey levels.
-
-    The counterpart for small images of the paper's compressibility reward (minus the JPEG size);
-    piecewise constant, so it has no useful gradient.
-    """
-    if x.ndim != 4 or x.shape[1] not in (1, 3):
-        raise ValueError(f"png_compressibility takes images (B, 1 or 3, H, W), got shape {tuple(x.shape)}")
-    if not 2 <= levels <= 256:
-        raise ValueError(f"levels must lie in [2, 256], got {levels}")
-    sizes = []
-    for img in _to_uint8(x, levels):
-        buf = io.BytesIO()
-        Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)).save(buf, format="PNG", compress_level=9)
-        sizes.append(-float(buf.tell()))
-    return torch.tensor(sizes, device=x.device)
-
-
-def digits_compressibility(x: Tensor) -> Tensor:
-    """:func:`png_compressibility` at the 17 grey levels of scikit-learn's digits (pixel values 0..16):
-    finer levels would only measure the samples' sub-level noise, which no real digit has."""
-    return png_compressibility(x, levels=17)
-
-
-def ink_mass(x: Tensor, threshold: float = 0.0) -> Tensor:
-    """The number of pixels brighter than ``threshold`` in each image (a staircase of the ink mass)."""
-    return (x > threshold).flatten(1).sum(1).to(torch.get_default_dtype())
-
-
-#: built-in rewards that :func:`load_reward` resolves by name
-REWARDS: dict[str, RewardFn] = {"compressibility": png_compressibility, "digits_compressibility": digits_compressibility,
-                                "ink": ink_mass}
-
-
-def load_reward(spec: str | RewardFn) -> RewardFn:
-    """Resolve a reward: a callable, a name in :data:`REWARDS`, ``"package.module:function"`` or
-    ``"path/to/file.py:function"`` (what ``scorekit sample --reward`` takes)."""
-    if callable(spec):
-        return spec
-    if spec in REWARDS:
-        return REWARDS[spec]
-    module, sep, name = str(spec).rpartition(":")
-    if not sep or not module or not name:
-        raise ValueError(f"reward {spec!r} is neither a built-in ({sorted(REWARDS)}) nor of the form "
-                         "'module:function' or 'file.py:function'")
-    try:
-        if module.endswith(".py"):
-            path = Path(module)
-            if not path.is_file():
-                raise FileNotFoundError(f"no file {module}")
-            loader = importlib.util.spec_from_file_location(path.stem, path)
-            mod = importlib.util.module_from_spec(loader)
-            loader.loader.exec_module(mod)
-        else:
-            mod = importlib.import_module(module)
-    except (ImportError, FileNotFoundError) as err:
-        raise ValueError(f"cannot load the reward module {module!r} of {spec!r}: {err}") from err
-    fn = getattr(mod, name, None)
-    if not callable(fn):
-        raise ValueError(f"{module!r} has no callable {name!r} (reward {spec!r})")
-    return fn
-
-
-def _checked(values, n: int, what: str) -> Tensor:
-    """``values`` as a float64 vector of ``n`` finite numbers, or a clear error."""
-    if not torch.is_tensor(values):
-        raise TypeError(f"{what} must return a tensor of shape ({n},), got {type(values).__name__}")
-    if tuple(values.shape) != (n,):
-        raise ValueError(f"{what} returned shape {tuple(values.shape)} for a batch of {n} samples; "
-                         f"expected one number per sample, shape ({n},)")
-    values = values.to(torch.float64)
-    bad = ~torch.isfinite(values)
-    if bool(bad.any()):
-        raise FloatingPointError(f"{what} returned {int(bad.sum())} non-finite values (NaN or inf) for a batch of "
-                                 f"{n}; rewards and values must be finite numbers")
-    return values
 
 
 def posterior_mean(score_fn: ScoreFn, sde: SDE | MaskedDiffusion, x: Tensor, t) -> Tensor:
@@ -231,7 +130,7 @@ class SVDD(Guidance):
     :func:`samplers.masked.masked_sample`; deterministic samplers refuse it.
     """
 
-    needs_stochastic_step = True
+    kind = "step"
 
     def __init__(
         self,
@@ -250,8 +149,7 @@ class SVDD(Guidance):
         if value_fn is not None and not callable(value_fn):
             raise TypeError(f"value_fn must be None (SVDD-PM) or callable as value_fn(x_t, t) -> (batch,), "
                             f"got {type(value_fn).__name__}")
-        if isinstance(num_candidates, bool) or int(num_candidates) != num_candidates or num_candidates < 1:
-            raise ValueError(f"num_candidates (M) must be an integer >= 1, got {num_candidates!r}")
+        num_candidates = int_at_least(num_candidates, 1, "num_candidates (M)")
         alpha = float(alpha)
         if math.isnan(alpha) or alpha < 0:
             raise ValueError(f"alpha must be >= 0 (0 = argmax selection, inf = uniform, i.e. the pretrained "
@@ -279,7 +177,7 @@ class SVDD(Guidance):
     def reward(self, x0: Tensor) -> Tensor:
         """``reward_fn(x0)``, checked (shape ``(batch,)``, finite) and counted."""
         self.reward_evals += x0.shape[0]
-        return _checked(self.reward_fn(x0), x0.shape[0], "reward_fn")
+        return checked_values(self.reward_fn(x0), x0.shape[0], "reward_fn")
 
     def value(self, x: Tensor, t_next, score_fn: ScoreFn, sde: SDE | MaskedDiffusion) -> Tensor:
         """The soft value estimate of candidates ``x`` at time ``t_next``: the reward at ``t_next = 0``,
@@ -289,7 +187,7 @@ class SVDD(Guidance):
         if self.value_fn is None:
             return self.reward(posterior_mean(score_fn, sde, x, t_next))
         self.value_evals += x.shape[0]
-        return _checked(self.value_fn(x, batch_time(t_next, x, sde.T)), x.shape[0], "value_fn")
+        return checked_values(self.value_fn(x, batch_time(t_next, x, sde.T)), x.shape[0], "value_fn")
 
     def _draw(self, values: Tensor, num: int, generator: torch.Generator | None) -> Tensor:
         """``num`` indices per row of ``values`` (rows, choices), drawn ``∝ exp(values / alpha)``."""
@@ -399,11 +297,6 @@ def collect_rollouts(
     (``pc_step`` with ``predictor`` and no corrector on ``linspace(T, eps, steps)`` for an SDE; the
     ancestral kernel for masked diffusion) and ``r(x0)`` of the rollout it belongs to.
     """
-    # imported here: samplers import guidance.base, so a module-level import could close a cycle
-    from samplers.masked import masked_step, masked_time_steps
-    from samplers.pc import pc_step, time_steps
-    from samplers.predictors import PREDICTORS
-
     if isinstance(sde, MaskedDiffusion):
         step, (ts, ts_next) = masked_step(score_fn, sde, generator), masked_time_steps(steps)
 
@@ -424,7 +317,7 @@ def collect_rollouts(
             states.append(x)
             times.append(tt[i].expand(x.shape[0]))
             x = step(x, tt[i], tn[i])
-        rewards.append(_checked(reward_fn(x), x.shape[0], "reward_fn").repeat(len(tt)))
+        rewards.append(checked_values(reward_fn(x), x.shape[0], "reward_fn").repeat(len(tt)))
     return torch.cat(states), torch.cat(times), torch.cat(rewards)
 
 
@@ -496,61 +389,16 @@ def best_of_n(
     ``per_group=True`` keeps the best of each of ``num_samples`` groups of ``n``. Returns ``(samples,
     rewards)``. Costs ``n`` pretrained samples (network evaluations) and ``n`` reward calls per sample.
     """
-    for name, value in (("n", n), ("num_samples", num_samples)):
-        if isinstance(value, bool) or int(value) != value or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    n, num_samples = positive_int(n, "n"), positive_int(num_samples, "num_samples")
     total = n * num_samples
     chunk = batch_size or total
     pool = torch.cat([sampler(min(chunk, total - s)) for s in range(0, total, chunk)])
     if pool.shape[0] != total:
         raise ValueError(f"the sampler returned {pool.shape[0]} samples where {total} were asked for")
-    rewards = _checked(reward_fn(pool), total, "reward_fn")
+    rewards = checked_values(reward_fn(pool), total, "reward_fn")
     if per_group:
         best = rewards.view(n, num_samples).argmax(0)
         keep = best * num_samples + torch.arange(num_samples, device=best.device)
     else:
         keep = rewards.topk(num_samples).indices
     return pool[keep], rewards[keep]
-
-
-class RewardGradientGuidance(Guidance):
-    """DPS-style guidance by a differentiable reward: ``s(x, t) + scale * grad_x r(x0_hat(x, t))``.
-
-    ``x0_hat`` is Tweedie's posterior mean under the guided score's own network, and the gradient flows
-    through it (DPS, Chung et al. 2023, with ``log p(y | x0) = r(x0)``; the SVDD paper's DPS baseline).
-    ``sde`` defaults to ``score_fn.sde`` (:class:`ScoreModel`, ``GaussianMixture.score_fn``). A score-level
-    plug-in, so it applies in PC and ODE samplers alike. One network evaluation per score evaluation,
-    plus a backward pass.
-    """
-
-    def __init__(self, reward_fn: RewardFn, scale: float = 1.0, sde: SDE | None = None):
-        if not callable(reward_fn):
-            raise TypeError(f"reward_fn must be callable as reward_fn(x0) -> (batch,), got {type(reward_fn).__name__}")
-        self.reward_fn, self.scale, self.sde = reward_fn, _check_scale(scale), sde
-
-    def __repr__(self) -> str:
-        return f"RewardGradientGuidance(scale={self.scale})"
-
-    def guide_score(self, score_fn: ScoreFn) -> ScoreFn:
-        sde = self.sde if self.sde is not None else getattr(score_fn, "sde", None)
-        if sde is None:
-            raise ValueError("RewardGradientGuidance needs the SDE for Tweedie's x0_hat: pass sde=, or a score "
-                             "function with an .sde attribute (ScoreModel, GaussianMixture.score_fn)")
-
-        def guided_score(x: Tensor, t: Tensor) -> Tensor:
-            scores: list[Tensor] = []
-
-            def recorded(x_in: Tensor, t_in: Tensor) -> Tensor:
-                scores.append(score_fn(x_in, t_in))
-                return scores[-1]
-
-            with torch.enable_grad():
-                x_in = x.detach().requires_grad_(True)
-                r = _checked(self.reward_fn(tweedie_denoise(recorded, sde, x_in, t)), x.shape[0], "reward_fn")
-                if not r.requires_grad:
-                    raise TypeError("reward_fn's output carries no gradient: RewardGradientGuidance needs a "
-                                    "differentiable reward (use SVDD for non-differentiable ones)")
-                (grad,) = torch.autograd.grad(r.sum(), x_in)
-            return scores[0].detach() + self.scale * grad.to(x.dtype)
-
-        return guided_score

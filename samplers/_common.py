@@ -7,10 +7,10 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import Tensor
 
-from guidance.base import Guidance, apply_score_guidance
 from scorekit.sde import SDE
+from scorekit.validate import positive_int
 
-ScoreFn = Callable[[Tensor, Tensor], Tensor]
+from .hooks import Guidance, ScoreFn, apply_score_guidance
 
 
 def randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -31,9 +31,7 @@ def check_steps(steps: int | None, default: int) -> int:
     """``steps`` as a positive int (``None`` -> ``default``)."""
     if steps is None:
         return default
-    if isinstance(steps, bool) or int(steps) != steps or steps < 1:
-        raise ValueError(f"steps must be a positive integer (number of sampler steps), got {steps!r}")
-    return int(steps)
+    return positive_int(steps, "steps", "number of sampler steps")
 
 
 def check_eps(eps: float, sde: SDE) -> None:
@@ -117,13 +115,3 @@ class CheckedScore:
 def guided_score(score_fn: ScoreFn, guidance: Iterable[Guidance], steps: int | None = None) -> CheckedScore:
     """Apply the plug-ins' ``guide_score`` hooks, then guard the result (:class:`CheckedScore`)."""
     return CheckedScore(apply_score_guidance(score_fn, guidance), steps)
-
-
-def reject_step_guidance(guidance: Iterable[Guidance], sampler: str) -> None:
-    """Deterministic samplers have no stochastic step for selection guidance (SVDD) to act on."""
-    for g in guidance:
-        if getattr(g, "needs_stochastic_step", False) or type(g).guide_step is not Guidance.guide_step:
-            raise ValueError(
-                f"{type(g).__name__} guides the stochastic reverse step, which the deterministic {sampler} "
-                "sampler does not have; use pc_sample, or a score-level plug-in"
-            )

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from scorekit.sde import SDE, VPSDE, SubVPSDE, batch_time, bcast
+from scorekit.sde import SDE, batch_time, bcast
 
 from ._common import ScoreFn, randn_like
 
@@ -23,9 +23,9 @@ Corrector = Callable[..., tuple[Tensor, Tensor]]
 def _alpha(sde: SDE, t: Tensor) -> Tensor:
     # Alg. 5 scales the step by alpha_i = 1 - beta_i of the N-step DDPM schedule; the reference code
     # does so for sub-VP too, and uses 1 for VE (Alg. 4).
-    if isinstance(sde, (VPSDE, SubVPSDE)):
-        return 1 - sde.discrete_beta(t)
-    return torch.ones_like(t)
+    if sde.variance_exploding:
+        return torch.ones_like(t)
+    return 1 - sde.discrete_beta(t)
 
 
 def _mean_norm(v: Tensor) -> Tensor:
@@ -44,16 +44,8 @@ def _langevin(score_fn, sde, x, t, n_steps, generator, step_size) -> tuple[Tenso
     return x, x_mean
 
 
-def langevin(
-    score_fn: ScoreFn,
-    sde: SDE,
-    x: Tensor,
-    t,
-    *,
-    snr: float,
-    n_steps: int = 1,
-    generator: torch.Generator | None = None,
-) -> tuple[Tensor, Tensor]:
+def langevin(score_fn: ScoreFn, sde: SDE, x: Tensor, t, *, snr: float, n_steps: int = 1,
+             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """Langevin corrector with the step ``e = 2 alpha (snr ||z|| / ||s||)^2`` (Alg. 4 VE, Alg. 5 VP).
 
     The algorithms are written for one ``x``; for a batch, the norms are averaged over it as in the
@@ -73,16 +65,8 @@ def langevin(
     return _langevin(score_fn, sde, x, t, n_steps, generator, step_size)
 
 
-def annealed_langevin(
-    score_fn: ScoreFn,
-    sde: SDE,
-    x: Tensor,
-    t,
-    *,
-    snr: float,
-    n_steps: int = 1,
-    generator: torch.Generator | None = None,
-) -> tuple[Tensor, Tensor]:
+def annealed_langevin(score_fn: ScoreFn, sde: SDE, x: Tensor, t, *, snr: float, n_steps: int = 1,
+                      generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """Annealed Langevin dynamics (Song & Ermon 2019) with ``e = 2 alpha (snr sigma(t))^2``, ``sigma(t)``
     the marginal std, as the reference code's ``AnnealedLangevinDynamics``."""
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from scorekit.score import tweedie_denoise
-from scorekit.sde import SDE, VESDE
+from scorekit.sde import SDE
 
 from ._common import ScoreFn
 
@@ -29,10 +29,10 @@ TIME_GRIDS = ("time_uniform", "logsnr", "quadratic", "karras")
 
 
 def default_time_grid(sde: SDE) -> str:
-    """The grid measured best for DPM-Solver++(2M) on the 2-D mixture (``benchmarks/samplers.py``):
-    ``"logsnr"`` for VE (there uniform in ``t`` too), ``"quadratic"`` for VP and sub-VP, where at 10 / 20
-    steps it has about 1/4 / 1/2 the error of the log-SNR grid."""
-    return "logsnr" if isinstance(sde, VESDE) else "quadratic"
+    """The grid ``benchmarks/samplers.py`` measured best for DPM-Solver++(2M) on the 2-D mixture (its table is
+    ``benchmarks/results/samplers.md``): ``"logsnr"`` for VE (there uniform in ``t`` too), ``"quadratic"``
+    for VP and sub-VP."""
+    return "logsnr" if sde.variance_exploding else "quadratic"
 
 
 def solver_time_grid(sde: SDE, steps: int, eps: float, kind: str | None = None, rho: float = 7.0) -> Tensor:

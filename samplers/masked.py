@@ -13,11 +13,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from guidance.base import Guidance, StepFn, apply_score_guidance, apply_step_guidance
 from scorekit.discrete import Denoiser, MaskedDiffusion
 from scorekit.sde import batch_time
+from scorekit.validate import positive_int
 
 from ._common import check_steps
+from .hooks import Guidance, StepFn, apply_score_guidance, apply_step_guidance, check_guidance
 
 __all__ = ["masked_sample", "masked_step", "masked_time_steps"]
 
@@ -46,17 +47,6 @@ def masked_step(denoiser: Denoiser, diffusion: MaskedDiffusion, generator: torch
     return step
 
 
-def _check_plugins(guidance: Iterable[Guidance]) -> list[Guidance]:
-    plugins = list(guidance)
-    for g in plugins:
-        if not getattr(g, "needs_stochastic_step", False):
-            raise ValueError(
-                f"{type(g).__name__} guides a continuous score, which masked discrete diffusion does not have; "
-                "use a step-level (selection) plug-in such as SVDD"
-            )
-    return plugins
-
-
 @torch.no_grad()
 def masked_sample(
     denoiser: Denoiser,
@@ -78,9 +68,8 @@ def masked_sample(
     ``x_T`` (partly masked sequences) replaces the all-mask start. Returns a ``LongTensor``
     ``(num_samples, length)`` of tokens in ``range(vocab_size)``.
     """
-    if int(num_samples) != num_samples or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    guidance = _check_plugins(guidance)
+    num_samples = positive_int(num_samples, "num_samples")
+    guidance = check_guidance(guidance, "masked discrete diffusion", allowed=("step",))
     ts, ts_next = masked_time_steps(steps)
     if x_T is None:
         if device is None and generator is not None:

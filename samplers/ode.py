@@ -11,9 +11,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
-from torchdiffeq import odeint
 
-from guidance.base import Guidance
 from scorekit.sde import SDE
 
 from ._common import (
@@ -23,9 +21,9 @@ from ._common import (
     check_steps,
     guided_score,
     initial_state,
-    reject_step_guidance,
 )
 from .dpm_solver import dpm_solver_2m, solver_time_grid
+from .hooks import Guidance, check_guidance
 from .predictors import reverse_diffusion
 
 __all__ = ["ode_sample", "ode_encode", "probability_flow", "solve_ode", "ODE_METHODS"]
@@ -60,6 +58,8 @@ def solve_ode(
     ``t1`` (``step_t``) and the first one given (1% of the interval; the controller adapts it). A
     violation raises rather than being clamped.
     """
+    from torchdiffeq import odeint  # it loads scipy; only the ODE solves need it
+
     lo, hi = min(t0, t1), max(t0, t1)
     tol = 1e-6 * max(abs(lo), abs(hi), 1.0)
 
@@ -96,7 +96,9 @@ def _check_method(method: str, steps: int | None) -> int | None:
     return check_steps(steps, steps)
 
 
-def _integrate(score, sde, x, t0, t1, eps, method, rtol, atol, steps, time_grid, lower_order_final) -> Tensor:
+def _integrate(score: ScoreFn, sde: SDE, x: Tensor, *, t0: float, t1: float, eps: float, method: str, rtol: float,
+               atol: float, steps: int | None, time_grid: str | None, lower_order_final: bool) -> Tensor:
+    """Carry ``x`` along the probability-flow ODE from ``t0`` to ``t1`` (either direction) with ``method``."""
     if method == "dpm_solver_2m":
         ts = solver_time_grid(sde, steps, eps, time_grid)
         if t0 < t1:
@@ -139,12 +141,12 @@ def ode_sample(
     apply; step-level ones (SVDD) raise, as the ODE has no stochastic step.
     """
     steps = _check_method(method, steps)
-    guidance = list(guidance)
-    reject_step_guidance(guidance, "probability-flow ODE")
+    guidance = check_guidance(guidance, "probability-flow ODE", allowed=("score",))
     check_eps(eps, sde)
     x = initial_state(sde, shape, x_T, score_fn, generator, device, dtype)
     score = guided_score(score_fn, guidance)
-    x = _integrate(score, sde, x, sde.T, eps, eps, method, rtol, atol, steps, time_grid, lower_order_final)
+    x = _integrate(score, sde, x, t0=sde.T, t1=eps, eps=eps, method=method, rtol=rtol, atol=atol, steps=steps,
+                   time_grid=time_grid, lower_order_final=lower_order_final)
     if denoise:
         x = reverse_diffusion(score, sde, x, eps, 0.0)[1]
     return x
@@ -171,9 +173,9 @@ def ode_encode(
     ``ode_sample(..., x_T=ode_encode(score_fn, sde, x))`` reconstructs ``x`` (Sec. 4.3).
     """
     steps = _check_method(method, steps)
-    guidance = list(guidance)
-    reject_step_guidance(guidance, "probability-flow ODE")
+    guidance = check_guidance(guidance, "probability-flow ODE", allowed=("score",))
     check_eps(eps, sde)
     check_shape(tuple(x.shape), score_fn)
     score = guided_score(score_fn, guidance)
-    return _integrate(score, sde, x, eps, sde.T, eps, method, rtol, atol, steps, time_grid, lower_order_final)
+    return _integrate(score, sde, x, t0=eps, t1=sde.T, eps=eps, method=method, rtol=rtol, atol=atol, steps=steps,
+                      time_grid=time_grid, lower_order_final=lower_order_final)

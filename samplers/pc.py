@@ -8,11 +8,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from guidance.base import Guidance, StepFn, apply_step_guidance
 from scorekit.sde import SDE
+from scorekit.validate import non_negative_int
 
 from ._common import ScoreFn, check_eps, check_steps, guided_score, initial_state, resolve
 from .correctors import CORRECTORS, Corrector
+from .hooks import Guidance, StepFn, apply_step_guidance, check_guidance
 from .predictors import PREDICTORS, Predictor
 
 __all__ = ["pc_sample", "pc_step", "time_steps"]
@@ -103,11 +104,10 @@ def pc_sample(
     """
     predictor = resolve(predictor, PREDICTORS, "predictor")
     corrector = resolve(corrector, CORRECTORS, "corrector")
-    if int(n_corrector_steps) != n_corrector_steps or n_corrector_steps < 0:
-        raise ValueError(f"n_corrector_steps must be a non-negative integer, got {n_corrector_steps!r}")
+    n_corrector_steps = non_negative_int(n_corrector_steps, "n_corrector_steps")
     steps = check_steps(steps, sde.N)
     ts, ts_next = time_steps(sde, steps, eps)
-    guidance = list(guidance)
+    guidance = check_guidance(guidance, "PC")
     x = initial_state(sde, shape, x_T, score_fn, generator, device, dtype)
     score = guided_score(score_fn, guidance, steps)
     step = pc_step(

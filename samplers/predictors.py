@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from scorekit.sde import SDE, VESDE, VPSDE, batch_time, bcast
+from scorekit.sde import SDE, VESDE, VPSDE, DiscreteVPSDE, batch_time, bcast
 
 from ._common import ScoreFn, randn_like
 
@@ -56,9 +56,9 @@ def ancestral(
     sqrt(sigma'^2 (sigma^2 - sigma'^2) / sigma^2) z``, with ``sigma = sigma(t)``,
     ``sigma' = sigma(t_next)`` and ``beta`` from :meth:`VPSDE.discretize_step`.
     """
-    if not isinstance(sde, (VPSDE, VESDE)):
+    if not isinstance(sde, (VPSDE, DiscreteVPSDE, VESDE)):
         raise ValueError(
-            "the ancestral predictor is defined for VPSDE (DDPM) and VESDE (SMLD), "
+            "the ancestral predictor is defined for VPSDE and DiscreteVPSDE (DDPM) and VESDE (SMLD), "
             f"not {type(sde).__name__}; "
             "use 'reverse_diffusion' or 'euler_maruyama'"
         )
@@ -66,7 +66,7 @@ def ancestral(
     _, G = sde.discretize_step(x, t, t_next)
     step = bcast(G**2, x)  # beta for VP, sigma^2 - sigma'^2 for VE
     score = score_fn(x, t)
-    if isinstance(sde, VPSDE):
+    if not sde.variance_exploding:
         x_mean = (x + step * score) / torch.sqrt(1 - step)
         std = torch.sqrt(step)
     else:

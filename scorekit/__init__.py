@@ -5,7 +5,7 @@ are in the ``samplers`` package and guidance plug-ins in ``guidance``.
 """
 
 from .score import ScoreFn, ScoreModel, tweedie_denoise
-from .sde import SDE, SDES, VESDE, VPSDE, ReverseSDE, SubVPSDE, make_sde
+from .sde import SDE, SDES, VESDE, VPSDE, DiscreteVPSDE, ReverseSDE, SubVPSDE, make_sde
 
 __version__ = "0.1.0"
 
@@ -15,6 +15,7 @@ __all__ = [
     "VPSDE",
     "SubVPSDE",
     "VESDE",
+    "DiscreteVPSDE",
     "ReverseSDE",
     "make_sde",
     "ScoreFn",

@@ -27,8 +27,6 @@ __all__ = [
     "load_json",
     "save_tensors",
     "load_tensors",
-    "save_checkpoint",
-    "load_checkpoint",
     "optimizer_to_tensors",
     "optimizer_from_tensors",
 ]
@@ -124,16 +122,6 @@ def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") ->
             "for diffusers weights use scorekit.from_diffusers"
         )
     return tensors, json.loads(header[META_KEY])
-
-
-def save_checkpoint(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict) -> None:
-    """Alias of :func:`save_tensors` for single-file checkpoints."""
-    save_tensors(tensors, path, meta)
-
-
-def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, Tensor], dict]:
-    """Alias of :func:`load_tensors` for single-file checkpoints."""
-    return load_tensors(path, device)
 
 
 def optimizer_to_tensors(state: dict) -> tuple[dict[str, Tensor], dict]:

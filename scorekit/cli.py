@@ -1,8 +1,10 @@
 """The ``scorekit`` command: ``scorekit train|sample|likelihood|distill|finetune|denoise|demo``.
 
 Each subcommand lives in ``scorekit/commands/<name>.py`` with ``add_parser(subparsers)`` and
-``run(args)``. Options follow ``accelerate launch``'s spelling (``--mixed_precision``, ``--out_dir``;
-dashed forms are accepted too), and every training command runs unchanged under
+``run(args)``; a command module imports only the standard library at module level (its ``run`` imports
+the library), so that ``scorekit --help`` starts fast, and ``scorekit SUB ...`` imports only SUB's module.
+Options follow ``accelerate launch``'s spelling (``--mixed_precision``, ``--out_dir``; dashed forms are
+accepted too), and every training command runs unchanged under
 ``accelerate launch --multi_gpu --num_processes N -m scorekit.cli train ...`` or ``torchrun``.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Iterable
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
@@ -25,10 +28,12 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The parser with the subcommands ``commands`` (default: all of :data:`COMMANDS`)."""
     parser = argparse.ArgumentParser(prog="scorekit", description="Score-based generative modeling through SDEs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
-    for module_name in COMMANDS.values():
+    for name in COMMANDS if commands is None else commands:
+        module_name = COMMANDS[name]
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as e:
@@ -41,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``scorekit`` console script; returns the process exit code."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # `scorekit SUB ...` needs SUB's parser only: the other command modules are not imported
+    args = build_parser(argv[:1] if argv[:1] and argv[0] in COMMANDS else None).parse_args(argv)
     try:
         return int(args._run(args) or 0)
     except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as e:

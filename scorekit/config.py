@@ -20,10 +20,11 @@ import yaml
 from torch import Tensor
 
 from .data import TOY_SETS, GaussianMixture, imbalanced_mixture, load_digits, make_imbalanced, toy_2d
+from .losses import make_dsm_loss
 from .nets import MLP, make_unet
 from .score import ScoreModel
 from .sde import SDE, make_sde
-from .training import TrainConfig, load_weights
+from .training import TrainConfig, Trainer, load_weights
 
 __all__ = [
     "SDEConfig",
@@ -39,6 +40,7 @@ __all__ = [
     "build_data",
     "build_score_model",
     "load_score_model",
+    "build_trainer",
     "NETS",
     "DATASETS",
 ]
@@ -289,24 +291,25 @@ NETS = {"mlp": MLP, "unet": make_unet}
 def build_score_model(cfg: ModelConfig, sde: SDE, data_shape: tuple[int, ...]) -> ScoreModel:
     """The network of ``cfg`` for per-sample shape ``data_shape``, wrapped as a :class:`ScoreModel`.
 
-    Defaults follow the reference conventions: VP/sub-VP networks predict noise from the step index;
-    a VE UNet uses diffusers' NCSN++ convention (Fourier features of ``log sigma``, output divided by
-    ``sigma``: a score); a VE MLP predicts noise from Fourier features of ``log sigma``.
+    Defaults follow the reference conventions (the SDE's ``network_time``): VP/sub-VP networks predict
+    noise from the step index; a VE UNet uses diffusers' NCSN++ convention (Fourier features of
+    ``log sigma``, output divided by ``sigma``: a score); a VE MLP predicts noise from Fourier features of
+    ``log sigma``.
     """
     if cfg.net not in NETS:
         raise ValueError(f"unknown net {cfg.net!r}; valid names are {sorted(NETS)}")
     options = dict(cfg.options)
-    ve = sde.name == "ve"
+    log_sigma = sde.network_time == "log_sigma"  # a continuous time input: Fourier features
     if cfg.net == "unet":
         if len(data_shape) != 3 or data_shape[1] != data_shape[2]:
             raise ValueError(f"the unet needs square images (C, H, H), got data of shape {data_shape}")
-        options.setdefault("time_embedding", "fourier" if ve else "positional")
+        options.setdefault("time_embedding", "fourier" if log_sigma else "positional")
         net = make_unet(sample_size=data_shape[1], channels=data_shape[0], **options)
         fourier = options["time_embedding"] == "fourier"
         prediction = cfg.prediction or ("score" if fourier else "eps")
         time_input = cfg.time_input or ("sigma" if fourier else "index")
     else:
-        options.setdefault("embedding", "fourier" if ve else "sinusoidal")
+        options.setdefault("embedding", "fourier" if log_sigma else "sinusoidal")
         net = MLP(data_shape, **options)
         prediction = cfg.prediction or "eps"
         time_input = cfg.time_input
@@ -325,3 +328,18 @@ def load_score_model(path: str | os.PathLike, ema: bool = True, device: str | to
     model = build_score_model(run.model, run.sde.build(), tuple(meta["data_shape"]))
     model.load_state_dict(weights)
     return model.to(device).eval().requires_grad_(False), run
+
+
+def build_trainer(cfg: RunConfig, **trainer_kwargs) -> Trainer:
+    """The :class:`~scorekit.training.Trainer` of a run config: data, SDE, score model and DSM loss, with the
+    config stored in its checkpoints (so that :func:`load_score_model` rebuilds the model).
+
+    ``trainer_kwargs`` (``callbacks``, ``accelerator``, ...) go to the Trainer.
+    """
+    x, _ = build_data(cfg.data)
+    sde = cfg.sde.build()
+    torch.manual_seed(cfg.training.seed)
+    model = build_score_model(cfg.model, sde, tuple(x.shape[1:]))
+    loss = make_dsm_loss(sde, reduce=cfg.loss.reduce, likelihood_weighting=cfg.loss.likelihood_weighting, eps=cfg.loss.eps)
+    meta = {"run_config": to_dict(cfg), "data_shape": list(x.shape[1:])}
+    return Trainer(model, loss, x, cfg.training, out_dir=cfg.out_dir, meta=meta, **trainer_kwargs)

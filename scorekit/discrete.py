@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from .nets.mlp import MLP
 from .sde import batch_time
+from .validate import int_at_least, positive_int
 
 __all__ = [
     "Denoiser",
@@ -71,10 +72,8 @@ class MaskedDiffusion:
     T = 1.0
 
     def __init__(self, vocab_size: int, length: int, eps: float = 1e-3):
-        if int(vocab_size) != vocab_size or vocab_size < 2:
-            raise ValueError(f"vocab_size must be an integer >= 2, got {vocab_size!r}")
-        if int(length) != length or length < 1:
-            raise ValueError(f"length must be a positive integer, got {length!r}")
+        int_at_least(vocab_size, 2, "vocab_size")
+        positive_int(length, "length")
         if not 0 <= eps < 1:
             raise ValueError(f"eps must lie in [0, 1), got {eps}")
         self.vocab_size, self.length, self.eps = int(vocab_size), int(length), float(eps)
@@ -284,7 +283,7 @@ class ProductMixture:
 
 def imbalanced_sequences(length: int = 12) -> ProductMixture:
     """The imbalanced sequence test bed: tokens A, C, G, T (0-3); components with weights 0.7 / 0.25 / 0.05,
-    the rare one emitting G (index 2) with probability 0.9 at every position (the notes' check V5)."""
+    the rare one emitting G (index 2) with probability 0.9 at every position (docs/notes.md, check V5)."""
     probs = [[0.4, 0.2, 0.3, 0.1], [0.1, 0.4, 0.1, 0.4], [1 / 30, 1 / 30, 0.9, 1 / 30]]
     return ProductMixture([0.7, 0.25, 0.05], probs, length=length)
 

@@ -17,47 +17,34 @@ updates per generator update (DMD2's two-time-scale rule).
 
 Public pieces: :data:`DIVERGENCES` (name -> ``h``), :func:`alpha_divergence`, the weighting
 (:func:`density_ratio`, :class:`RatioNormalizer`, :func:`f_weights`), the generator update
-(:func:`distillation_direction`, :func:`distillation_loss`), the networks (:class:`OneStepGenerator`,
-:class:`MLPDiscriminator`, :class:`TeacherFeatureDiscriminator`), :class:`DistillConfig`,
-:class:`FDistill` (training loop on accelerate with EMA, checkpoints and resume) and
+(:func:`distillation_direction`, :func:`distillation_loss`), the generator :class:`OneStepGenerator`
+(the discriminators :class:`MLPDiscriminator` and :class:`TeacherFeatureDiscriminator` live in
+:mod:`scorekit.nets.distill` and are re-exported here), :class:`DistillConfig`, :class:`FDistill` (the
+method on :class:`scorekit.training.TrainingLoop`, which owns EMA, checkpoints and resume) and
 :func:`save_generator` / :func:`load_generator`.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from .checkpoint import (
-    atomic_dir,
-    load_tensors,
-    optimizer_from_tensors,
-    optimizer_to_tensors,
-    save_json,
-    save_tensors,
-)
+from .checkpoint import load_tensors, save_tensors
+from .config import DataConfig
 from .losses import dsm_loss
-from .nets.mlp import sinusoidal_embedding
+from .nets.distill import MLPDiscriminator, TeacherFeatureDiscriminator
 from .score import ScoreFn, ScoreModel, data_shape_of, tweedie_denoise
 from .sde import SDE, bcast
-from .training import (
-    latest_checkpoint,
-    load_state_checked,
-    prune_checkpoints,
-    read_checkpoint,
-    resolve_precision,
-    update_ema,
-)
+from .training import TrainConfig, TrainingLoop, load_state_checked
+from .validate import fraction, non_negative, non_negative_int, positive, positive_int
 
 __all__ = [
     "DIVERGENCES",
@@ -73,6 +60,8 @@ __all__ = [
     "MLPDiscriminator",
     "TeacherFeatureDiscriminator",
     "DistillConfig",
+    "DistillTrainConfig",
+    "DistillRunConfig",
     "FDistill",
     "EmpiricalCritic",
     "save_generator",
@@ -195,10 +184,7 @@ class RatioNormalizer(nn.Module):
 
     def __init__(self, bins: int = 10, t_min: float = 0.0, t_max: float = 1.0, ema: float = 0.0):
         super().__init__()
-        if bins < 1:
-            raise ValueError(f"bins must be >= 1, got {bins}")
-        if not 0 <= ema < 1:
-            raise ValueError(f"ema must lie in [0, 1), got {ema}")
+        bins, ema = positive_int(bins, "bins", "time bins"), fraction(ema, "ema", "weight of the old bin mean")
         if not t_min < t_max:
             raise ValueError(f"need t_min < t_max, got {t_min} and {t_max}")
         self.bins, self.t_min, self.t_max, self.ema = int(bins), float(t_min), float(t_max), float(ema)
@@ -338,121 +324,39 @@ def sample_generator(module: nn.Module, n: int, noise_shape: tuple[int, ...], *,
     return torch.cat(out)
 
 
-def _time_features(t: Tensor, dim: int) -> Tensor:
-    # The step-index scale of the VP reference networks: sinusoidal features of 1000 t.
-    return sinusoidal_embedding(1000 * t, dim)
-
-
-class MLPDiscriminator(nn.Module):
-    """``logit(x_t, t)``: an MLP on the flattened noisy sample and sinusoidal features of ``t``.
-
-    For low-dimensional data (the 2-D test mixture), where there are no teacher features to reuse.
-    """
-
-    def __init__(self, data_shape: int | tuple[int, ...], hidden: int = 128, depth: int = 3, emb_dim: int = 64):
-        super().__init__()
-        self.data_shape = (data_shape,) if isinstance(data_shape, int) else tuple(data_shape)
-        self.emb_dim = emb_dim
-        layers: list[nn.Module] = [nn.Linear(math.prod(self.data_shape) + emb_dim, hidden), nn.SiLU()]
-        for _ in range(depth - 1):
-            layers += [nn.Linear(hidden, hidden), nn.SiLU()]
-        layers.append(nn.Linear(hidden, 1))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        e = _time_features(t, self.emb_dim).to(x.dtype)
-        return self.net(torch.cat([x.reshape(x.shape[0], -1), e], dim=1)).squeeze(1)
-
-
-class TeacherFeatureDiscriminator(nn.Module):
-    """``logit(x_t, t) = head(features of the frozen teacher at (x_t, t))`` (f-distill's discriminator).
-
-    The features are the output of the teacher network's submodule ``layer`` (default: the UNet's
-    ``mid_block``, or the last residual block of an :class:`~scorekit.nets.MLP`), captured by a forward
-    hook. The head is a small conv net averaged over space (image features) or an MLP (vector
-    features). The teacher is held by reference, not as a submodule: only the head is trained and saved.
-    Gradients flow through the teacher to ``x_t``, which the generator's GAN term needs.
-    """
-
-    def __init__(self, teacher: ScoreModel, layer: str | None = None, hidden: int | None = None):
-        super().__init__()
-        if not isinstance(teacher, ScoreModel):
-            raise TypeError(f"TeacherFeatureDiscriminator needs a ScoreModel teacher, got {type(teacher).__name__}; "
-                            "for a score function use MLPDiscriminator")
-        data_shape = teacher.data_shape
-        if data_shape is None:
-            raise ValueError("the teacher does not record its data shape; build it with ScoreModel(..., data_shape=...)")
-        if layer is None:
-            layer = "mid_block" if hasattr(teacher.net, "mid_block") else _last_block(teacher.net)
-        object.__setattr__(self, "_teacher", teacher)
-        self.layer = layer
-        object.__setattr__(self, "_module", teacher.net.get_submodule(layer))
-        param = next(teacher.parameters())
-        with torch.no_grad():
-            probe = self.features(torch.zeros((1, *data_shape), device=param.device, dtype=param.dtype),
-                                  torch.full((1,), 0.5, device=param.device, dtype=param.dtype))
-        channels = probe.shape[1]
-        hidden = hidden or channels
-        if probe.ndim == 4:
-            groups = math.gcd(hidden, 32)
-            self.head = nn.Sequential(nn.Conv2d(channels, hidden, 3, padding=1), nn.GroupNorm(groups, hidden), nn.SiLU(),
-                                      nn.Conv2d(hidden, 1, 1))
-        elif probe.ndim == 2:
-            self.head = nn.Sequential(nn.Linear(channels, hidden), nn.SiLU(), nn.Linear(hidden, 1))
-        else:
-            raise ValueError(f"teacher layer {layer!r} gives features of shape {tuple(probe.shape)}; "
-                             "expected (B, C, H, W) or (B, C)")
-        self.head.to(device=param.device, dtype=param.dtype)
-
-    def features(self, x: Tensor, t: Tensor) -> Tensor:
-        """The teacher's ``layer`` output at ``(x, t)``."""
-        captured: list[Tensor] = []
-        handle = self._module.register_forward_hook(lambda _m, _i, out: captured.append(out[0] if isinstance(out, tuple) else out))
-        try:
-            self._teacher.raw(x, t)
-        finally:
-            handle.remove()
-        return captured[0]
-
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        out = self.head(self.features(x, t))
-        return out.mean(dim=tuple(range(1, out.ndim)))
-
-    def extra_repr(self) -> str:
-        return f"layer={self.layer!r}"
-
-
-def _last_block(net: nn.Module) -> str:
-    blocks = getattr(net, "blocks", None)
-    if isinstance(blocks, nn.ModuleList) and len(blocks):
-        return f"blocks.{len(blocks) - 1}"
-    raise ValueError(f"cannot guess which layer of {type(net).__name__} to take features from; pass layer='...'")
-
-
 # -- configuration ---------------------------------------------------------------------------------
+@dataclass
+class DistillTrainConfig(TrainConfig):
+    """:class:`~scorekit.training.TrainConfig` with f-distill's defaults, those of the reference code
+    (FastGen's f-distill on DMD2): AdamW with learning rate 1e-4 and weight decay 0.01, gradient clip 10,
+    batch 64, 1000 generator steps. A ``training:`` section in YAML overrides only the keys it gives."""
+
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    grad_clip: float | None = 10.0
+
+
 @dataclass
 class DistillConfig:
     """Settings of :class:`FDistill` (the ``distill:`` section of a YAML config).
 
-    Defaults follow the reference code (FastGen's f-distill on DMD2): AdamW with weight decay 0.01,
-    gradient clip 10, the same learning rate for generator, fake score and discriminator, 5 critic
-    updates per generator update, GAN weight 1e-3, ``r`` clipped to ``[0.1, 20]`` and normalised over
-    10 time bins. ``t`` is drawn from ``U(t_min, T)`` for the generator, the fake score and the
-    discriminator alike (DMD2 uses ``[0.02 T, 0.98 T]``; the upper end is ``T`` here so that the fake
-    score's DSM, :func:`scorekit.losses.dsm_loss`, sees the same law).
+    ``training`` holds the optimisation settings shared with every trainer (steps, batch size, learning
+    rate, EMA, checkpoints, ...): a :class:`~scorekit.training.TrainConfig`, by default
+    :class:`DistillTrainConfig` (f-distill's defaults). ``steps`` counts generator updates; the generator,
+    the fake score and the discriminator share the learning rate unless ``critic_lr`` is set.
+    The other fields are f-distill's own, defaults from the reference code: 5 critic updates per
+    generator update, GAN weight 1e-3, ``r`` clipped to ``[0.1, 20]`` and normalised over 10 time bins.
+    ``t`` is drawn from ``U(t_min, T)`` for the generator, the fake score and the discriminator alike
+    (DMD2 uses ``[0.02 T, 0.98 T]``; the upper end is ``T`` here so that the fake score's DSM,
+    :func:`scorekit.losses.dsm_loss`, sees the same law).
     """
 
     divergence: str = "reverse_kl"
     alpha: float | None = None
-    steps: int = 1000
     critic_steps: int = 5
-    batch_size: int = 64
-    lr: float = 1e-4
     critic_lr: float | None = None
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.01
-    grad_clip: float | None = 10.0
-    ema_decay: float = 0.999
     gan_weight: float = 1e-3
     t_min: float = 0.02
     ratio_clip: tuple[float, float] = (0.1, 20.0)
@@ -460,37 +364,39 @@ class DistillConfig:
     ratio_bins: int = 10
     ratio_ema: float = 0.0
     generator_time: float | None = None
-    mixed_precision: str = "auto"
-    seed: int = 0
-    log_every: int = 50
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    progress: bool = True
-    resume: bool = True
+    training: DistillTrainConfig = field(default_factory=DistillTrainConfig)
 
     def __post_init__(self):
-        self.betas, self.ratio_clip = tuple(self.betas), tuple(self.ratio_clip)
         resolve_divergence(self.divergence, self.alpha)
-        checks = [
-            (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
-            (self.critic_steps >= 0, f"critic_steps must be >= 0, got {self.critic_steps}"),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.lr > 0 and (self.critic_lr is None or self.critic_lr > 0), "lr and critic_lr must be > 0"),
-            (self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0 or null, got {self.grad_clip}"),
-            (0 <= self.ema_decay < 1, f"ema_decay must lie in [0, 1), got {self.ema_decay}"),
-            (self.gan_weight >= 0, f"gan_weight must be >= 0, got {self.gan_weight}"),
-            (0 <= self.t_min < 1, f"t_min must lie in [0, 1), got {self.t_min}"),
-            (len(self.ratio_clip) == 2 and 0 < self.ratio_clip[0] < self.ratio_clip[1],
-             f"ratio_clip must be (low, high) with 0 < low < high, got {self.ratio_clip}"),
-            (self.logit_clamp > 0, f"logit_clamp must be > 0, got {self.logit_clamp}"),
-            (self.ratio_bins >= 1, f"ratio_bins must be >= 1, got {self.ratio_bins}"),
-            (0 <= self.ratio_ema < 1, f"ratio_ema must lie in [0, 1), got {self.ratio_ema}"),
-            (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}"),
-            (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(msg)
+        if not isinstance(self.training, TrainConfig):
+            raise TypeError(f"training must be a TrainConfig (e.g. DistillTrainConfig(steps=...)), "
+                            f"got {type(self.training).__name__}")
+        self.critic_steps = non_negative_int(self.critic_steps, "critic_steps", "critic updates per generator update")
+        if self.critic_lr is not None:
+            self.critic_lr = positive(self.critic_lr, "critic_lr", "null = training.lr")
+        self.gan_weight = non_negative(self.gan_weight, "gan_weight")
+        self.t_min = fraction(self.t_min, "t_min")
+        self.ratio_clip = tuple(self.ratio_clip)
+        if not (len(self.ratio_clip) == 2 and 0 < self.ratio_clip[0] < self.ratio_clip[1]):
+            raise ValueError(f"ratio_clip must be (low, high) with 0 < low < high, got {self.ratio_clip}")
+        self.logit_clamp = positive(self.logit_clamp, "logit_clamp")
+        self.ratio_bins = positive_int(self.ratio_bins, "ratio_bins")
+        self.ratio_ema = fraction(self.ratio_ema, "ratio_ema")
+        if self.generator_time is not None:
+            self.generator_time = positive(self.generator_time, "generator_time", "null = the SDE's T")
+
+
+@dataclass
+class DistillRunConfig:
+    """A distillation run (``configs/distill_*.yaml``, what ``scorekit distill`` reads): the teacher run,
+    the real data the discriminator sees, the :class:`DistillConfig` and the number of samples to write."""
+
+    teacher: str | None = None
+    teacher_ema: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    n_samples: int = 64
+    out_dir: str = "outputs/distill"
 
 
 # -- the method ------------------------------------------------------------------------------------
@@ -513,7 +419,7 @@ class _Frozen:
             p.requires_grad_(True)
 
 
-class FDistill:
+class FDistill(TrainingLoop):
     """Distil ``teacher`` (a score function on ``sde``) into the one-step ``generator`` by f-distill.
 
     - ``generator``: any ``nn.Module`` mapping noise ``z ~ N(0, I)`` of ``noise_shape`` (default: the
@@ -528,12 +434,19 @@ class FDistill:
     - ``divergence`` overrides ``config.divergence``: a name of :data:`DIVERGENCES`, ``"alpha"`` (with
       ``config.alpha``) or a callable ``h(r)``.
 
-    :meth:`train` alternates ``critic_steps`` fake-score/discriminator updates with one generator update,
-    keeps an EMA of the generator, calls each of ``callbacks`` as ``cb(self)`` after every generator update
-    (``self.step`` updates done), writes atomic safetensors checkpoints to ``out_dir`` and resumes from
-    them; randomness is drawn from a generator reseeded from ``(seed, process, step)`` at every step,
-    so an interrupted run continues exactly as the uninterrupted one.
+    It runs on :class:`~scorekit.training.TrainingLoop` with ``config.training``: each step of
+    :meth:`train` is ``critic_steps`` fake-score/discriminator updates and one generator update, then the
+    generator's EMA; ``callbacks`` are called as ``cb(self)`` after every generator update (``self.step``
+    updates done); ``history`` holds one dict of losses and weight statistics per generator update.
+    Checkpoints in ``out_dir`` hold the generator, its EMA, the trainable critics, their optimizers and the
+    ratio bins in one step directory; randomness is drawn from a generator reseeded from
+    ``(seed, process, step)`` at every step, so an interrupted run continues exactly as the uninterrupted one.
     """
+
+    checkpoint_format = FORMAT
+    checkpoint_kind = "an f-distill checkpoint"
+    loss_name, step_name = "f-distill loss", "generator step"
+    advice = "Lower the learning rate or the GAN weight, or use mixed_precision='no', then resume."
 
     def __init__(
         self,
@@ -553,19 +466,16 @@ class FDistill:
         callbacks: Iterable[Callable[[FDistill], None]] = (),
         accelerator=None,
     ):
-        from accelerate import Accelerator
-
         self.config = cfg = config if config is not None else DistillConfig()
+        super().__init__(cfg.training, record=cfg, out_dir=out_dir, callbacks=callbacks, meta=meta,
+                         accelerator=accelerator)
         self.sde = sde
         self.h = resolve_divergence(divergence if divergence is not None else cfg.divergence, cfg.alpha)
         self.divergence_name = divergence if isinstance(divergence, str) else (
             getattr(divergence, "__name__", "custom") if divergence is not None else cfg.divergence)
+        self.desc = f"f-distill ({self.divergence_name})"
         self.needs_ratio = self.h is not _reverse_kl
-        self.accelerator = acc = accelerator or Accelerator(mixed_precision=resolve_precision(cfg.mixed_precision),
-                                                            cpu=not torch.cuda.is_available())
-        self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.meta, self.callbacks = meta or {}, list(callbacks)
-        device = acc.device
+        acc, device = self.accelerator, self.device
 
         if isinstance(teacher, nn.Module):
             teacher = teacher.to(device).eval().requires_grad_(False)
@@ -603,24 +513,16 @@ class FDistill:
                                  f"(n, {', '.join(map(str, self.data_shape))})")
         self.data = data.to(device) if data is not None else None
 
-        self.normalizer = RatioNormalizer(cfg.ratio_bins, cfg.t_min, sde.T, cfg.ratio_ema).to(device)
-        self.ema = copy.deepcopy(generator).requires_grad_(False).eval()
-        self.generator = acc.prepare(generator)
-        self.opt_generator = acc.prepare(self._adamw(generator.parameters(), cfg.lr))
-        critic_lr = cfg.critic_lr or cfg.lr
-        self.fake_score, self.opt_fake = fake_score, None
-        if _trainable(fake_score):
-            self.fake_score = acc.prepare(fake_score)
-            self.opt_fake = acc.prepare(self._adamw([p for p in fake_score.parameters() if p.requires_grad], critic_lr))
-        self.discriminator, self.opt_disc = discriminator, None
-        if _trainable(discriminator):
-            self.discriminator = acc.prepare(discriminator)
-            self.opt_disc = acc.prepare(self._adamw([p for p in discriminator.parameters() if p.requires_grad], critic_lr))
-        self.step = 0
-        self.history: list[dict[str, float]] = []
-        self._resumed = False
+        # what a checkpoint holds; the critics only when they are trained
+        self.normalizer = self.track("ratio_normalizer", RatioNormalizer(cfg.ratio_bins, cfg.t_min, sde.T,
+                                                                         cfg.ratio_ema).to(device))
+        ema = self.make_ema(generator)
+        self.generator = self.track("generator", acc.prepare(generator))
+        self.ema = self.track("generator_ema", ema, ema_of="generator")
+        self.opt_generator = self.track("optimizer_generator", self.make_optimizer(generator.parameters()))
+        self.fake_score, self.opt_fake = self._critic("fake_score", fake_score)
+        self.discriminator, self.opt_disc = self._critic("discriminator", discriminator)
 
-    # -- setup helpers -----------------------------------------------------------------------------
     @staticmethod
     def _data_shape(teacher, data: Tensor | None, data_shape) -> tuple[int, ...]:
         for shape in (data_shape, getattr(teacher, "data_shape", None), None if data is None else data.shape[1:]):
@@ -642,24 +544,25 @@ class FDistill:
                 f"(B, {', '.join(map(str, self.data_shape))}); pass a generator with that output or noise_shape=..."
             )
 
-    def _adamw(self, params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
-        cfg = self.config
-        return torch.optim.AdamW(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    def _critic(self, name: str, critic):
+        """``(critic, optimizer)``: a trainable module prepared and tracked with its AdamW at ``critic_lr``;
+        anything else as it is, without an optimizer."""
+        if not _trainable(critic):
+            return critic, None
+        params = [p for p in critic.parameters() if p.requires_grad]
+        module = self.track(name, self.accelerator.prepare(critic))
+        return module, self.track(f"optimizer_{name}", self.make_optimizer(params, self.config.critic_lr))
 
     @property
     def unwrapped_generator(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.generator)
-
-    @property
-    def is_main(self) -> bool:
-        return self.accelerator.is_main_process
 
     def _reduce_sum(self, x: Tensor) -> Tensor:
         return self.accelerator.reduce(x, reduction="sum") if self.accelerator.num_processes > 1 else x
 
     def _rng(self, step: int) -> torch.Generator:
         # A fresh stream per (seed, process, step): resuming needs no saved RNG state.
-        seed = hash((self.config.seed, self.accelerator.process_index, step)) % (2**63)
+        seed = hash((self.config.training.seed, self.accelerator.process_index, step)) % (2**63)
         return torch.Generator(device=self.accelerator.device).manual_seed(seed)
 
     # -- draws -----------------------------------------------------------------------------------
@@ -668,7 +571,7 @@ class FDistill:
 
     def draw(self, rng: torch.Generator, batch_size: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """``(z, t, noise)`` for one generator update: ``z ~ N(0, I)``, ``t ~ U(t_min, T)``, ``noise ~ N(0, I)``."""
-        b = batch_size or self.config.batch_size
+        b = batch_size or self.config.training.batch_size
         kw = dict(generator=rng, device=self.accelerator.device, dtype=self._dtype())
         z = torch.randn((b, *self.noise_shape), **kw)
         return z, self._draw_t(b, rng), torch.randn((b, *self.data_shape), **kw)
@@ -709,7 +612,7 @@ class FDistill:
     def critic_loss(self, rng: torch.Generator) -> Tensor:
         """DSM loss of the fake score on ``sg(G(z))`` plus the discriminator's GAN loss (real data noised at
         an independent ``t``); only the terms of trainable critics are included."""
-        b = self.config.batch_size
+        b = self.config.training.batch_size
         z, t, noise = self.draw(rng)
         with torch.no_grad():
             x = self.generator(z)
@@ -727,77 +630,32 @@ class FDistill:
         return loss
 
     # -- updates ---------------------------------------------------------------------------------
-    def _apply(self, loss: Tensor, optimizers: list, modules: list) -> float:
-        acc = self.accelerator
-        value = acc.reduce(loss.detach().float(), reduction="mean")
-        if not torch.isfinite(value):
-            self._fail(float(value))
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        acc.backward(loss)
-        for opt, module in zip(optimizers, modules):
-            if self.config.grad_clip is not None:
-                acc.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], self.config.grad_clip)
-            opt.step()
-        return float(value)
-
     def critic_step(self, rng: torch.Generator) -> float:
         """One update of the fake score and the discriminator (whichever are trainable)."""
-        pairs = [(o, m) for o, m in ((self.opt_fake, self.fake_score), (self.opt_disc, self.discriminator)) if o is not None]
-        if not pairs:
+        optimizers = [opt for opt in (self.opt_fake, self.opt_disc) if opt is not None]
+        if not optimizers:
             return 0.0
         with self.accelerator.autocast():
             loss = self.critic_loss(rng)
-        return self._apply(loss, *map(list, zip(*pairs)))
+        return self.optimize(loss, optimizers)
 
     def generator_step(self, rng: torch.Generator) -> dict[str, float]:
         """One generator update; returns its loss and the weight statistics."""
         with self.accelerator.autocast():
             loss, stats = self.generator_loss(*self.draw(rng))
-        stats["generator"] = self._apply(loss, [self.opt_generator], [self.generator])
+        stats["generator"] = self.optimize(loss, [self.opt_generator])
         return stats
 
-    def _update_ema(self) -> None:
-        update_ema(self.ema, self.unwrapped_generator, self.config.ema_decay, self.step)
+    def train_step(self) -> dict[str, float]:
+        """``critic_steps`` critic updates, then one generator update (DMD2's two-time-scale rule)."""
+        rng = self._rng(self.step)
+        critic = [self.critic_step(rng) for _ in range(self.config.critic_steps)]
+        stats = self.generator_step(rng)
+        stats["critic"] = sum(critic) / len(critic) if critic else 0.0
+        return stats
 
-    def train(self, steps: int | None = None) -> list[dict[str, float]]:
-        """Run until ``steps`` (default ``config.steps``) generator updates are done; returns the history
-        (one dict of losses and weight statistics per generator update)."""
-        cfg = self.config
-        total = steps if steps is not None else cfg.steps
-        if self.out_dir is not None and cfg.resume and not self._resumed:
-            self.resume()
-        bar = tqdm(total=total, initial=self.step, disable=not (cfg.progress and self.is_main),
-                   desc=f"f-distill ({self.divergence_name})", dynamic_ncols=True)
-        while self.step < total:
-            rng = self._rng(self.step)
-            critic = [self.critic_step(rng) for _ in range(cfg.critic_steps)]
-            stats = self.generator_step(rng)
-            stats["critic"] = sum(critic) / len(critic) if critic else 0.0
-            self.step += 1
-            self._update_ema()
-            self.history.append(stats)
-            for cb in self.callbacks:
-                cb(self)
-            if cfg.log_every and self.step % cfg.log_every == 0:
-                bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items()})
-            bar.update(1)
-            if self.out_dir is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                self.save_checkpoint()
-        bar.close()
-        if self.out_dir is not None:
-            found = _newest_state(self.out_dir)
-            if found is None or found[1]["step"] != self.step:
-                self.save_checkpoint()
-        return self.history
-
-    def _fail(self, value: float) -> None:
-        last = latest_checkpoint(self.out_dir) if self.out_dir is not None else None
-        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
-        raise FloatingPointError(
-            f"f-distill loss is {value} at generator step {self.step + 1}: stopped before applying it; {where}. "
-            "Lower the learning rate or the GAN weight, or use mixed_precision='no', then resume."
-        )
+    def progress(self) -> dict[str, str]:
+        return {k: f"{v:.3g}" for k, v in self.history[-1].items()}
 
     # -- sampling and saving ---------------------------------------------------------------------
     def sample(self, n: int, generator: torch.Generator | None = None, ema: bool = True, batch_size: int = 1024) -> Tensor:
@@ -813,56 +671,9 @@ class FDistill:
         return save_generator(module, path, info)
 
     def _modules(self) -> dict[str, nn.Module]:
-        acc = self.accelerator
-        mods = {"generator": self.unwrapped_generator, "generator_ema": self.ema, "ratio_normalizer": self.normalizer}
-        if self.opt_fake is not None:
-            mods["fake_score"] = acc.unwrap_model(self.fake_score)
-        if self.opt_disc is not None:
-            mods["discriminator"] = acc.unwrap_model(self.discriminator)
-        return mods
-
-    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        opts = {"generator": self.opt_generator, "fake_score": self.opt_fake, "discriminator": self.opt_disc}
-        return {k: v for k, v in opts.items() if v is not None}
-
-    def save_checkpoint(self) -> Path:
-        """Write ``out_dir/checkpoints/step-XXXXXXXX`` (all networks, optimizers, ratio bins) atomically."""
-        if self.out_dir is None:
-            raise ValueError("this FDistill has no out_dir; pass out_dir=... to save checkpoints")
-        root = self.out_dir / "checkpoints"
-        final = root / f"step-{self.step:08d}"
-        acc = self.accelerator
-        acc.wait_for_everyone()
-        if self.is_main:
-            with atomic_dir(final) as tmp:
-                for name, module in self._modules().items():
-                    save_tensors(module.state_dict(), tmp / f"{name}.safetensors")
-                for name, opt in self._optimizers().items():
-                    tensors, rest = optimizer_to_tensors(opt.state_dict())
-                    save_tensors(tensors, tmp / f"optimizer_{name}.safetensors", rest)
-                save_json({"format": FORMAT, "step": self.step, "history": self.history,
-                           "config": dataclasses.asdict(self.config), "meta": self.meta}, tmp / "state.json")
-            prune_checkpoints(root, self.config.keep_checkpoints, final)
-        acc.wait_for_everyone()
-        return final
-
-    def resume(self, path: str | os.PathLike | None = None) -> bool:
-        """Load networks, optimizers and ratio bins from the newest checkpoint under ``path`` (default
-        ``out_dir``); ``False`` when there is none."""
-        self._resumed = True
-        found = _newest_state(path if path is not None else self.out_dir)
-        if found is None:
-            return False
-        ckpt, state = found
-        device = self.accelerator.device
-        for name, module in self._modules().items():
-            tensors, _ = load_tensors(ckpt / f"{name}.safetensors", device)
-            load_state_checked(module, tensors, ckpt / f"{name}.safetensors")
-        for name, opt in self._optimizers().items():
-            tensors, rest = load_tensors(ckpt / f"optimizer_{name}.safetensors", device)
-            opt.load_state_dict(optimizer_from_tensors(tensors, rest))
-        self.step, self.history = state["step"], list(state["history"])
-        return True
+        """The checkpointed networks by name (``generator``, ``generator_ema``, ``ratio_normalizer`` and the
+        trained critics ``fake_score``, ``discriminator``), unwrapped."""
+        return self.tracked_modules()
 
 
 class EmpiricalCritic:
@@ -872,7 +683,8 @@ class EmpiricalCritic:
     samples ``g_i``, so :meth:`score` is its exact score and :meth:`log_ratio` is ``log p_t - log q_t``
     with the teacher's exact ``teacher_log_prob(x, t)``. Passed as ``fake_score=critic.score`` and
     ``discriminator=critic.log_ratio`` with ``callbacks=[critic.refresh]``, it isolates the ``h`` logic
-    of f-distill from the errors of learned critics (notes, section 1.6 B: the oracle variant).
+    of f-distill from the errors of learned critics: the weighting of Xu, Nie & Vahdat (2025, eq. 7)
+    with exact ``s_q`` and ``r``.
     """
 
     def __init__(self, generator: nn.Module, sde: SDE, teacher_log_prob: Callable[[Tensor, Tensor], Tensor],
@@ -895,11 +707,6 @@ class EmpiricalCritic:
     def log_ratio(self, x: Tensor, t: Tensor) -> Tensor:
         flat = x.reshape(x.shape[0], -1)
         return (self.teacher_log_prob(x, t) - self.mixture.log_prob(flat, t, self.sde)).to(x.dtype)
-
-
-def _newest_state(path: str | os.PathLike | None) -> tuple[Path, dict] | None:
-    """The newest f-distill checkpoint under ``path`` and its ``state.json``, or ``None``."""
-    return None if path is None else read_checkpoint(path, FORMAT, "an f-distill checkpoint")
 
 
 # -- one-step generator files ----------------------------------------------------------------------

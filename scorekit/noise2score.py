@@ -6,13 +6,16 @@ Two steps:
    denoising autoencoder (AR-DAE, Lim et al. 2020): minimise ``E ||u + sigma_a R(y + sigma_a u)||^2``
    over ``u ~ N(0, I)`` while ``sigma_a`` is annealed towards 0 (:func:`ardae_loss`, :class:`ARDAE`).
    ``R`` sees only noisy data and is not conditioned on ``sigma_a``.
-2. Plug the score into Tweedie's formula for the exponential-family noise model (:func:`tweedie`):
-   Gaussian ``y = x + sigma n`` (``level = sigma``), Poisson ``y = zeta Poisson(x / zeta)``
-   (``level = zeta``) or Gamma ``y = x Gamma(k, 1/k)`` (``level = k``).
+2. Plug the score into Tweedie's formula for the exponential-family noise model (paper Sec. 3.2,
+   Table 1). Each noise model is one :class:`NoiseModel` object in :data:`NOISE_MODELS`:
+   :class:`GaussianNoise` ``y = x + sigma n`` (level ``sigma``), :class:`PoissonNoise`
+   ``y = zeta Poisson(x / zeta)`` (level ``zeta``) and :class:`GammaNoise` ``y = x Gamma(k, 1/k)``
+   (level ``k``). Each carries its level check, Tweedie estimate, blind-level grid and criterion,
+   AR-DAE ``sigma_a`` range and CLI flag.
 
 When the noise level is unknown it is picked from a grid by the total-variation criteria of the
-authors' code (:func:`estimate_level`). :class:`Noise2Score` ties the pieces together; images are
-float tensors in ``[0, 1]`` intensity units throughout, so ``sigma = 25/255`` for "sigma 25".
+authors' code (:meth:`NoiseModel.estimate_level`). :class:`Noise2Score` ties the pieces together;
+images are float tensors in ``[0, 1]`` intensity units throughout, so ``sigma = 25/255`` for "sigma 25".
 """
 
 from __future__ import annotations
@@ -21,45 +24,33 @@ import dataclasses
 import math
 import os
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .score import tweedie_denoise
-from .sde import VESDE
-from .training import TrainConfig, Trainer
+from .checkpoint import load_tensors, save_tensors
+from .nets.noise2score import ScoreUNet
+from .validate import fraction, positive, positive_int
+
+if TYPE_CHECKING:
+    from .training import TrainConfig, Trainer
 
 __all__ = [
     "NOISE_MODELS",
+    "NoiseModel",
+    "GaussianNoise",
+    "PoissonNoise",
+    "GammaNoise",
     "tweedie",
     "estimate_level",
     "level_grid",
-    "level_criterion",
     "charbonnier_tv",
     "ardae_loss",
     "ARDAE",
     "ScoreUNet",
     "Noise2Score",
-    "check_noise",
-    "check_level",
 ]
-
-# noise model -> (name of its level, what it means); `level` is in the units written here.
-NOISE_MODELS: dict[str, tuple[str, str]] = {
-    "gaussian": ("sigma", "y = x + sigma n, n ~ N(0, I); sigma in [0, 1] intensity units (25/255 for 'sigma 25')"),
-    "poisson": ("zeta", "y = zeta Poisson(x / zeta); the network sees the counts y / zeta"),
-    "gamma": ("k", "y = x Gamma(k, 1/k): multiplicative noise of mean 1 and variance 1/k"),
-}
-
-# sigma_a annealing (start, end) of the authors' code, in the units the network sees: [0, 1] intensities
-# for Gaussian and Gamma, counts for Poisson.
-ARDAE_SIGMA: dict[str, tuple[float, float]] = {"gaussian": (0.05, 0.001), "poisson": (1.0, 0.5), "gamma": (0.05, 0.001)}
-
-# The Gamma estimate k y / (k - 1 - y s(y)) is floored at this denominator, which caps it at k y: a clean
-# value k times the noisy one needs a Gamma(k, 1/k) draw below 1/k, which does not happen for k >= 10.
-GAMMA_MIN_DENOMINATOR = 1.0
 
 # Images brighter than this are taken for 8- or 16-bit data that was not rescaled to [0, 1].
 _MAX_INTENSITY = 4.0
@@ -67,30 +58,234 @@ _MAX_INTENSITY = 4.0
 ScoreFunction = Callable[[Tensor], Tensor]
 
 
-# -- validation ------------------------------------------------------------------------------------
-def check_noise(noise: str) -> str:
-    """Return ``noise`` if it names a supported noise model, else raise a ``ValueError`` listing them."""
+def charbonnier_tv(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """Anisotropic total variation with a Charbonnier penalty: ``mean sqrt(dx^2 + eps^2) + mean sqrt(dy^2 + eps^2)``."""
+    dh = x[..., 1:, :] - x[..., :-1, :]
+    dw = x[..., :, 1:] - x[..., :, :-1]
+    return (dh.square() + eps**2).sqrt().mean() + (dw.square() + eps**2).sqrt().mean()
+
+
+# -- the noise models ------------------------------------------------------------------------------
+class NoiseModel:
+    """One exponential-family noise model of Noise2Score (paper Sec. 3.2, Table 1).
+
+    A subclass sets the class attributes and writes :meth:`_tweedie` (the closed form), :meth:`level_grid`
+    and :meth:`level_criterion` (the blind mode of the authors' code); the rest is shared.
+    """
+
+    name: str  #: key in :data:`NOISE_MODELS`
+    level_name: str  #: what the level is called; also the CLI flag ``--<level_name>``
+    description: str  #: how the noisy ``y`` is generated from the clean ``x``
+    flag_help: str  #: help text of the CLI flag
+    flag_unit: float = 1.0  #: the CLI flag's value is ``level * flag_unit`` (8-bit units for sigma)
+    #: AR-DAE ``sigma_a`` annealing (start, end) of the authors' code, in the units the network sees
+    ardae_sigma: tuple[float, float]
+    non_negative: bool = False  #: noisy values are never negative
+    counts: bool = False  #: the network sees ``y / level`` (Poisson counts) rather than ``y``
+    clamps: bool = False  #: the estimate is clamped where a learned score makes it ill-posed
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    def check_level(self, level: float | Tensor) -> float:
+        """``level`` as a float; it must be a single positive finite number."""
+        if torch.is_tensor(level):
+            if level.numel() != 1:
+                raise ValueError(f"{self.level_name} must be a single number, got a tensor of shape {tuple(level.shape)}")
+            level = level.item()
+        level = float(level)
+        if not math.isfinite(level) or level <= 0:
+            raise ValueError(f"the {self.name} noise level {self.level_name} must be a positive number, got {level}")
+        return level
+
+    def check_image_level(self, level: float) -> None:
+        """Refuse a level that cannot be meant for images in [0, 1] units (nothing to refuse by default)."""
+
+    def level_from_flag(self, value: float) -> float:
+        """The level given on the command line (in ``flag_unit`` units), checked, in library units."""
+        return self.check_level(value) / self.flag_unit
+
+    def describe(self, level: float) -> str:
+        """The level for humans, as ``--<level_name>`` spells it."""
+        return f"{self.level_name} {level:g}"
+
+    def network_input(self, y: Tensor, level: float | None) -> Tensor:
+        """What the score network sees for noisy ``y``: ``y`` itself, or the counts ``y / level``."""
+        return y / level if self.counts else y
+
+    def tweedie(
+        self, y: Tensor, score_fn: ScoreFunction, level: float, *, return_clamped: bool = False
+    ) -> Tensor | tuple[Tensor, float]:
+        """Noise2Score's closed-form estimate of the clean image from ``y`` and the score of the noisy data.
+
+        ``score_fn(v)`` is ``grad_v log p(v)`` for the noisy distribution, evaluated on
+        :meth:`network_input`. Returns the estimate with the shape of ``y``; ``return_clamped=True``
+        also returns the fraction of values clamped (0 unless :attr:`clamps`).
+        """
+        estimate, clamped = self._tweedie(y, score_fn, self.check_level(level))
+        return (estimate, clamped) if return_clamped else estimate
+
+    def _tweedie(self, y: Tensor, score_fn: ScoreFunction, level: float) -> tuple[Tensor, float]:
+        raise NotImplementedError
+
+    def level_grid(self) -> Tensor:
+        """The candidate levels the authors' blind test scripts search (float64)."""
+        raise NotImplementedError
+
+    def level_criterion(self, estimate: Tensor, y: Tensor) -> Tensor:
+        """The score the blind mode minimises over the level grid (authors' ``forward_tv``)."""
+        raise NotImplementedError
+
+    def estimate_level(
+        self, y: Tensor, score_fn: ScoreFunction, grid: Tensor | Sequence[float] | None = None
+    ) -> tuple[float, Tensor]:
+        """Blind Noise2Score: the grid level whose Tweedie estimate minimises :meth:`level_criterion`.
+
+        ``y`` is one image (or a batch assumed to share one level); ``grid`` defaults to :meth:`level_grid`.
+        The network runs once when its input does not depend on the level, else once per candidate
+        (Poisson counts ``y / zeta``). Returns ``(best level, criterion per grid value)``.
+        """
+        grid = self.level_grid() if grid is None else torch.as_tensor(grid, dtype=torch.float64).flatten()
+        if grid.numel() == 0:
+            raise ValueError("the level grid is empty")
+        if not self.counts:
+            s = score_fn(y)
+            score_fn = lambda v: s  # noqa: E731 - the score of y, reused for every candidate level
+        values = torch.stack([
+            self.level_criterion(self.tweedie(y, score_fn, float(level)), y).double() for level in grid
+        ])
+        return float(grid[int(torch.argmin(values))]), values
+
+
+class GaussianNoise(NoiseModel):
+    """``y = x + sigma n``, ``n ~ N(0, I)``: Tweedie's ``x_hat = y + sigma^2 s(y) = E[x | y]``, the posterior mean."""
+
+    name, level_name = "gaussian", "sigma"
+    description = "y = x + sigma n, n ~ N(0, I); sigma in [0, 1] intensity units (25/255 for 'sigma 25')"
+    flag_help = "Gaussian noise std in 8-bit units: 25 means 25/255 of the range"
+    flag_unit = 255.0
+    ardae_sigma = (0.05, 0.001)
+
+    def _tweedie(self, y, score_fn, level):
+        return y + level**2 * score_fn(y), 0.0
+
+    def check_image_level(self, level: float) -> None:
+        if level >= 1:
+            raise ValueError(
+                f"sigma={level:g} is in [0, 1] intensity units, so it exceeds the whole range; "
+                f"for 8-bit sigma {level:g} pass {level:g}/255 = {level / 255:.4f}"
+            )
+
+    def describe(self, level: float) -> str:
+        return f"sigma {level * 255:.1f}/255"
+
+    def level_grid(self) -> Tensor:
+        """``sigma = 6/255 ... 55/255`` (50 values)."""
+        return torch.arange(6, 56, dtype=torch.float64) / 255
+
+    def level_criterion(self, estimate: Tensor, y: Tensor) -> Tensor:
+        """``TV(x_hat)`` (:func:`charbonnier_tv`)."""
+        return charbonnier_tv(estimate)
+
+
+class PoissonNoise(NoiseModel):
+    """``y = zeta z`` with counts ``z ~ Poisson(x / zeta)``: ``x_hat = (y + zeta / 2) exp(s(z))``.
+
+    The score is taken **with respect to the counts** ``z = y / zeta``, as the authors' code does:
+    ``score_fn`` receives ``z`` and returns ``d log p(z) / dz`` (for a count distribution, the derivative
+    of the log of its analytic continuation in ``z``). The estimate is ``zeta exp(E[log lambda | z])`` up
+    to ``psi(z + 1) ~ log(z + 1/2)`` (exact to < 1% for ``z >= 10``).
+    """
+
+    name, level_name = "poisson", "zeta"
+    description = "y = zeta Poisson(x / zeta); the network sees the counts y / zeta"
+    flag_help = "Poisson scale in [0, 1] intensity units: y = zeta Poisson(x / zeta)"
+    ardae_sigma = (1.0, 0.5)  # in counts
+    non_negative = counts = True
+
+    def _tweedie(self, y, score_fn, level):
+        return (y + level / 2) * torch.exp(score_fn(y / level)), 0.0
+
+    def level_grid(self) -> Tensor:
+        """``zeta = 0.005 ... 0.09905`` (100 values, step 0.00095)."""
+        return 0.005 + 0.00095 * torch.arange(100, dtype=torch.float64)
+
+    def level_criterion(self, estimate: Tensor, y: Tensor) -> Tensor:
+        """``0.1 TV(max(x_hat, 0)) + mean(x_hat - y log x_hat)`` over pixels with ``x_hat > 0`` (the Poisson
+        negative log-likelihood of ``y`` up to constants)."""
+        pos = estimate > 0
+        e, v = estimate[pos], y[pos]
+        return 0.1 * charbonnier_tv(estimate.clamp(min=0)) + (e - v * torch.log(e)).mean()
+
+
+class GammaNoise(NoiseModel):
+    """``y = x Gamma(k, 1/k)``: ``x_hat = k y / (k - 1 - y s(y)) = 1 / E[1/x | y]`` (exact).
+
+    The denominator is floored at :attr:`min_denominator` (so ``x_hat <= k y``) where a learned score
+    makes it too small or negative: a clean value ``k`` times the noisy one needs a ``Gamma(k, 1/k)``
+    draw below ``1/k``, which does not happen for ``k >= 10``.
+    """
+
+    name, level_name = "gamma", "k"
+    description = "y = x Gamma(k, 1/k): multiplicative noise of mean 1 and variance 1/k"
+    flag_help = "Gamma noise shape: y = x Gamma(k, 1/k)"
+    ardae_sigma = (0.05, 0.001)
+    non_negative = clamps = True
+    min_denominator = 1.0
+
+    def check_level(self, level: float | Tensor) -> float:
+        """``k`` must also exceed 1: Tweedie's estimate divides by ``k - 1 - y s(y)``."""
+        level = super().check_level(level)
+        if level <= 1:
+            raise ValueError(f"the Gamma shape k must exceed 1 (Tweedie's estimate divides by k - 1 - y s(y)), got {level}")
+        return level
+
+    def _tweedie(self, y, score_fn, level):
+        denominator = level - 1 - y * score_fn(y)
+        clamped = (denominator < self.min_denominator).float().mean().item()
+        return level * y / denominator.clamp(min=self.min_denominator), clamped
+
+    def level_grid(self) -> Tensor:
+        """``k = 41 ... 120`` (80 values)."""
+        return torch.arange(41, 121, dtype=torch.float64)
+
+    def level_criterion(self, estimate: Tensor, y: Tensor) -> Tensor:
+        """``TV(x_hat) + mean(log x_hat + y / x_hat + (y / x_hat)^2)`` over pixels with ``x_hat > 0``."""
+        pos = estimate > 0
+        e, ratio = estimate[pos], y[pos] / estimate[pos]
+        return charbonnier_tv(estimate) + torch.log(e).mean() + ratio.mean() + ratio.square().mean()
+
+
+NOISE_MODELS: dict[str, NoiseModel] = {"gaussian": GaussianNoise(), "poisson": PoissonNoise(), "gamma": GammaNoise()}
+
+
+def _noise_model(noise: str) -> NoiseModel:
+    """The :class:`NoiseModel` named ``noise``, else a ``ValueError`` listing the supported ones."""
     if noise not in NOISE_MODELS:
         raise ValueError(f"unknown noise model {noise!r}; supported noise models are {list(NOISE_MODELS)}")
-    return noise
+    return NOISE_MODELS[noise]
 
 
-def check_level(noise: str, level: float) -> float:
-    """Validate a noise level for ``noise`` (positive and finite; Gamma needs ``k > 1``) and return it as a float."""
-    name = NOISE_MODELS[check_noise(noise)][0]
-    if torch.is_tensor(level):
-        if level.numel() != 1:
-            raise ValueError(f"{name} must be a single number, got a tensor of shape {tuple(level.shape)}")
-        level = level.item()
-    level = float(level)
-    if not math.isfinite(level) or level <= 0:
-        raise ValueError(f"the {noise} noise level {name} must be a positive number, got {level}")
-    if noise == "gamma" and level <= 1:
-        raise ValueError(f"the Gamma shape k must exceed 1 (Tweedie's estimate divides by k - 1 - y s(y)), got {level}")
-    return level
+def tweedie(
+    y: Tensor, score_fn: ScoreFunction, noise: str, level: float, *, return_clamped: bool = False
+) -> Tensor | tuple[Tensor, float]:
+    """Tweedie's estimate for the noise model named ``noise``: :meth:`NoiseModel.tweedie`."""
+    return _noise_model(noise).tweedie(y, score_fn, level, return_clamped=return_clamped)
 
 
-def _check_images(y: Tensor, noise: str, what: str = "noisy images") -> None:
+def level_grid(noise: str) -> Tensor:
+    """The blind-mode level grid of the noise model named ``noise``: :meth:`NoiseModel.level_grid`."""
+    return _noise_model(noise).level_grid()
+
+
+def estimate_level(
+    y: Tensor, score_fn: ScoreFunction, noise: str, grid: Tensor | Sequence[float] | None = None
+) -> tuple[float, Tensor]:
+    """Blind level estimation for the noise model named ``noise``: :meth:`NoiseModel.estimate_level`."""
+    return _noise_model(noise).estimate_level(y, score_fn, grid)
+
+
+def _check_images(y: Tensor, model: NoiseModel, what: str = "noisy images") -> None:
     """Images must be floating point, in [0, 1] units (not 0-255), non-negative for Poisson and Gamma noise."""
     if not torch.is_tensor(y):
         raise TypeError(f"{what} must be a torch tensor, got {type(y).__name__}")
@@ -107,113 +302,11 @@ def _check_images(y: Tensor, noise: str, what: str = "noisy images") -> None:
             f"{what} reach {top:.4g}, but Noise2Score expects intensities in [0, 1] units; "
             "divide 8-bit images by 255 (16-bit by 65535)"
         )
-    if noise in ("poisson", "gamma") and y.min().item() < 0:
+    if model.non_negative and y.min().item() < 0:
         raise ValueError(
-            f"{noise} noise is non-negative but the {what} have a minimum of {y.min().item():.4g}; "
+            f"{model.name} noise is non-negative but the {what} have a minimum of {y.min().item():.4g}; "
             "pass the raw noisy intensities (not mean-subtracted or Gaussian-noised data)"
         )
-
-
-# -- Tweedie's formula for exponential-family noise ------------------------------------------------
-def tweedie(
-    y: Tensor, score_fn: ScoreFunction, noise: str, level: float, *, return_clamped: bool = False
-) -> Tensor | tuple[Tensor, float]:
-    """Noise2Score's closed-form estimate of the clean image from ``y`` and the score of the noisy data.
-
-    ``score_fn(v)`` is ``grad_v log p(v)`` for the noisy distribution, evaluated where the noise model
-    says (paper, Sec. 3.2 and Table 1):
-
-    - ``"gaussian"``, ``level = sigma``: ``x_hat = y + sigma^2 s(y) = E[x | y]``, the posterior mean
-      (computed by :func:`scorekit.tweedie_denoise`: ``y`` is the VE SDE's marginal at ``t = 0`` with
-      ``sigma_min = sigma``).
-    - ``"poisson"``, ``level = zeta``: ``y = zeta z`` with counts ``z ~ Poisson(x / zeta)``. The score is
-      taken **with respect to the counts** ``z = y / zeta``, as the authors' code does: ``score_fn``
-      receives ``z`` and returns ``d log p(z) / dz`` (for a count distribution, the derivative of the
-      log of its analytic continuation in ``z``). Then ``x_hat = (y + zeta / 2) exp(s(z))``, which is
-      ``zeta exp(E[log lambda | z])`` up to ``psi(z + 1) ~ log(z + 1/2)`` (exact to < 1% for ``z >= 10``).
-    - ``"gamma"``, ``level = k``: ``x_hat = k y / (k - 1 - y s(y)) = 1 / E[1/x | y]`` (exact). The
-      denominator is floored at ``GAMMA_MIN_DENOMINATOR`` (so ``x_hat <= k y``) where a learned score
-      makes it too small or negative; ``return_clamped=True`` also returns the clamped fraction.
-
-    Returns the estimate with the shape of ``y`` (and the clamped fraction, 0 for Gaussian and Poisson).
-    """
-    check_noise(noise)
-    level = check_level(noise, level)
-    clamped = 0.0
-    if noise == "gaussian":
-        sde = VESDE(sigma_min=level, sigma_max=2 * level)  # only its t = 0 marginal, y = x + sigma n, is used
-        estimate = tweedie_denoise(lambda v, t: score_fn(v), sde, y, 0.0)
-    elif noise == "poisson":
-        estimate = (y + level / 2) * torch.exp(score_fn(y / level))
-    else:
-        denominator = level - 1 - y * score_fn(y)
-        low = denominator < GAMMA_MIN_DENOMINATOR
-        clamped = low.float().mean().item()
-        estimate = level * y / denominator.clamp(min=GAMMA_MIN_DENOMINATOR)
-    return (estimate, clamped) if return_clamped else estimate
-
-
-# -- blind mode: choose the noise level by a total-variation criterion ------------------------------
-def charbonnier_tv(x: Tensor, eps: float = 1e-6) -> Tensor:
-    """Anisotropic total variation with a Charbonnier penalty: ``mean sqrt(dx^2 + eps^2) + mean sqrt(dy^2 + eps^2)``."""
-    dh = x[..., 1:, :] - x[..., :-1, :]
-    dw = x[..., :, 1:] - x[..., :, :-1]
-    return (dh.square() + eps**2).sqrt().mean() + (dw.square() + eps**2).sqrt().mean()
-
-
-def level_grid(noise: str) -> Tensor:
-    """The candidate levels the authors' blind test scripts search (float64):
-
-    Gaussian ``sigma = 6/255 ... 55/255`` (50 values), Poisson ``zeta = 0.005 ... 0.09905`` (100 values,
-    step 0.00095), Gamma ``k = 41 ... 120`` (80 values).
-    """
-    if check_noise(noise) == "gaussian":
-        return torch.arange(6, 56, dtype=torch.float64) / 255
-    if noise == "poisson":
-        return 0.005 + 0.00095 * torch.arange(100, dtype=torch.float64)
-    return torch.arange(41, 121, dtype=torch.float64)
-
-
-def level_criterion(estimate: Tensor, y: Tensor, noise: str) -> Tensor:
-    """The score the blind mode minimises over the level grid (authors' ``forward_tv``):
-
-    - Gaussian: ``TV(x_hat)``;
-    - Poisson: ``0.1 TV(max(x_hat, 0)) + mean(x_hat - y log x_hat)`` over pixels with ``x_hat > 0``
-      (the Poisson negative log-likelihood of ``y`` up to constants);
-    - Gamma: ``TV(x_hat) + mean(log x_hat + y / x_hat + (y / x_hat)^2)`` over pixels with ``x_hat > 0``.
-
-    ``TV`` is :func:`charbonnier_tv`.
-    """
-    if check_noise(noise) == "gaussian":
-        return charbonnier_tv(estimate)
-    pos = estimate > 0
-    e, v = estimate[pos], y[pos]
-    if noise == "poisson":
-        return 0.1 * charbonnier_tv(estimate.clamp(min=0)) + (e - v * torch.log(e)).mean()
-    ratio = v / e
-    return charbonnier_tv(estimate) + torch.log(e).mean() + ratio.mean() + ratio.square().mean()
-
-
-def estimate_level(
-    y: Tensor, score_fn: ScoreFunction, noise: str, grid: Tensor | Sequence[float] | None = None
-) -> tuple[float, Tensor]:
-    """Blind Noise2Score: the grid level whose Tweedie estimate minimises :func:`level_criterion`.
-
-    ``y`` is one image (or a batch assumed to share one level); ``grid`` defaults to :func:`level_grid`.
-    Gaussian and Gamma scores do not depend on the level, so the network runs once; Poisson counts
-    ``y / zeta`` do, so it runs once per candidate. Returns ``(best level, criterion per grid value)``.
-    """
-    check_noise(noise)
-    grid = level_grid(noise) if grid is None else torch.as_tensor(grid, dtype=torch.float64).flatten()
-    if grid.numel() == 0:
-        raise ValueError("the level grid is empty")
-    if noise != "poisson":
-        s = score_fn(y)
-        score_fn = lambda v: s  # noqa: E731 - the score of y, reused for every candidate level
-    values = torch.stack([
-        level_criterion(tweedie(y, score_fn, noise, float(level)), y, noise).double() for level in grid
-    ])
-    return float(grid[int(torch.argmin(values))]), values
 
 
 # -- AR-DAE score learning -------------------------------------------------------------------------
@@ -254,11 +347,8 @@ class ARDAE:
     """
 
     def __init__(self, start: float, end: float, steps: int, *, antithetic: bool = True, augment: bool = True):
-        if not (start > 0 and end > 0):
-            raise ValueError(f"sigma_a must stay positive, got start={start}, end={end}")
-        if steps < 1:
-            raise ValueError(f"the annealing needs at least one step, got steps={steps}")
-        self.start, self.end, self.steps = float(start), float(end), int(steps)
+        self.start, self.end = positive(start, "sigma_a start"), positive(end, "sigma_a end")
+        self.steps = positive_int(steps, "steps", "optimizer steps of the sigma_a annealing")
         self.antithetic, self.augment = antithetic, augment
         self.sigma_a = self.start
 
@@ -275,67 +365,6 @@ class ARDAE:
         if self.augment and batch.ndim == 4 and batch.shape[-1] == batch.shape[-2]:
             batch = _random_dihedral(batch, generator)
         return ardae_loss(model, batch, self.sigma_a, generator, antithetic=self.antithetic)
-
-
-# -- the network -------------------------------------------------------------------------------------
-class ScoreUNet(nn.Module):
-    """``R(y)``: a compact, un-conditioned U-Net after the Noise2Noise network of the authors' code
-    (3x3 convolutions, LeakyReLU(0.1), max-pooling, no normalisation, the input concatenated before the
-    last layers), made CPU-sized: ``width`` channels at every scale, ``depth`` poolings (the code: 48
-    and 5), and, as in FFDNet (Zhang et al. 2018), the image is first split into ``unshuffle^2``
-    sub-sampled channels (``pixel_unshuffle``) so that every convolution runs at reduced resolution;
-    the output is re-assembled by ``pixel_shuffle``. Inputs of any size are reflect-padded to a multiple
-    of ``unshuffle * 2^depth`` and cropped back. Weights keep PyTorch's default initialisation: the
-    code's N(0, 0.02) starts the output near 1e-5 while noisy-image scores are of order 1/sigma ~ 10,
-    which short CPU runs cannot afford to grow into.
-
-    ``input_scale`` multiplies the input before the first convolution (the output, the score, is in the
-    input's own units). Poisson networks see counts ``y / zeta`` of order ``1 / zeta`` (~100); pass
-    ``input_scale=zeta`` so the convolutions see intensities in [0, 1]: with raw counts AR-DAE did not
-    get below the noisy input in our CPU runs.
-    """
-
-    def __init__(
-        self, channels: int = 1, width: int = 48, depth: int = 3, unshuffle: int = 2, input_scale: float = 1.0
-    ):
-        super().__init__()
-        if min(channels, width, depth, unshuffle) < 1:
-            raise ValueError(
-                f"channels, width, depth and unshuffle must be >= 1, got {channels}, {width}, {depth}, {unshuffle}"
-            )
-        if not (math.isfinite(input_scale) and input_scale > 0):
-            raise ValueError(f"input_scale must be a positive number, got {input_scale}")
-        self.config = {
-            "channels": channels, "width": width, "depth": depth, "unshuffle": unshuffle, "input_scale": float(input_scale),
-        }
-        self.depth, self.unshuffle, self.input_scale = depth, unshuffle, float(input_scale)
-        c = channels * unshuffle**2
-
-        def conv(cin: int, cout: int) -> list[nn.Module]:
-            return [nn.Conv2d(cin, cout, 3, padding=1), nn.LeakyReLU(0.1)]
-
-        self.inc = nn.Sequential(*conv(c, width), *conv(width, width))
-        self.down = nn.ModuleList(nn.Sequential(*conv(width, width)) for _ in range(depth))
-        self.up = nn.ModuleList(nn.Sequential(*conv(2 * width, width), *conv(width, width)) for _ in range(depth))
-        self.out = nn.Sequential(*conv(width + c, width), nn.Conv2d(width, c, 3, padding=1))
-
-    def forward(self, y: Tensor) -> Tensor:
-        h, w = y.shape[-2:]
-        m = self.unshuffle * 2**self.depth
-        ph, pw = -h % m, -w % m
-        x = y * self.input_scale if self.input_scale != 1.0 else y
-        x = F.pad(x, (0, pw, 0, ph), mode="reflect") if ph or pw else x
-        x = F.pixel_unshuffle(x, self.unshuffle)
-        feat = self.inc(x)
-        skips = [feat]
-        for block in self.down:
-            feat = block(F.max_pool2d(feat, 2))
-            skips.append(feat)
-        skips.pop()
-        for block in self.up:
-            feat = block(torch.cat([F.interpolate(feat, scale_factor=2.0, mode="nearest"), skips.pop()], 1))
-        out = self.out(torch.cat([feat, x], 1))
-        return F.pixel_shuffle(out, self.unshuffle)[..., :h, :w]
 
 
 # -- the entry point ---------------------------------------------------------------------------------
@@ -355,8 +384,9 @@ class Noise2Score:
     FORMAT = "scorekit.noise2score/1"
 
     def __init__(self, net: nn.Module, noise: str = "gaussian", level: float | None = None):
-        self.noise = check_noise(noise)
-        self.level = None if level is None else check_level(noise, level)
+        self.noise_model = _noise_model(noise)
+        self.noise = noise
+        self.level = None if level is None else self.noise_model.check_level(level)
         self.net = net
         self.history: list[float] = []
 
@@ -371,9 +401,6 @@ class Noise2Score:
         param = next(self.net.parameters(), None)
         out = self.net(v.to(param.device, param.dtype) if param is not None else v)
         return out.to(v.device, v.dtype)
-
-    def _network_input(self, y: Tensor, level: float | None) -> Tensor:
-        return y / level if self.noise == "poisson" else y
 
     # -- training --------------------------------------------------------------------------------
     def fit(
@@ -405,13 +432,20 @@ class Noise2Score:
         divided by 10 after the ``lr_drop`` share of the steps (the code's step policy: x0.1 at epoch 50
         of 100; ``None`` keeps it constant). ``out_dir`` makes the run checkpoint and resume.
         """
+        from .training import TrainConfig, Trainer  # accelerate loads only when training
+
+        if patch_size is not None:
+            positive_int(patch_size, "patch_size", "pixels")
+        positive_int(n_patches, "n_patches")
+        if lr_drop is not None:
+            fraction(lr_drop, "lr_drop", "share of the steps before the learning rate drops", closed=True)
         cfg = config if config is not None else TrainConfig(
             steps=2000, batch_size=8, lr=1e-3, grad_clip=None, ema_decay=0.999,
             progress=False, checkpoint_every=0,
         )
         if torch.is_tensor(noisy) and noisy.ndim == 2:  # vectors (N, D): every row is a training sample
             levels = self._fit_levels(level, 1)
-            data = self._network_input(noisy.float(), levels[0])
+            data = self.noise_model.network_input(noisy.float(), levels[0])
         else:
             images = [noisy] if torch.is_tensor(noisy) and noisy.ndim == 3 else list(noisy)
             if not images:
@@ -422,11 +456,11 @@ class Noise2Score:
                         f"noisy must be images (N, C, H, W), a list of (C, H, W) images or vectors (N, D); "
                         f"got an element of shape {tuple(getattr(img, 'shape', ()))}"
                     )
-                _check_images(img, self.noise)
+                _check_images(img, self.noise_model)
             levels = self._fit_levels(level, len(images))
-            inputs = [self._network_input(img.float(), lv) for img, lv in zip(images, levels)]
+            inputs = [self.noise_model.network_input(img.float(), lv) for img, lv in zip(images, levels)]
             data = _extract_patches(inputs, patch_size, n_patches, torch.Generator().manual_seed(cfg.seed))
-        start, end = sigma_a if sigma_a is not None else ARDAE_SIGMA[self.noise]
+        start, end = sigma_a if sigma_a is not None else self.noise_model.ardae_sigma
         loss = ARDAE(start, end, anneal_steps or max(1, cfg.steps // 2), antithetic=antithetic)
         meta = self._meta() | {"ardae": {"sigma_a": [start, end], "antithetic": antithetic}}
         cfg = dataclasses.replace(cfg)  # the step decay below edits the trainer's copy, not the caller's
@@ -447,30 +481,32 @@ class Noise2Score:
 
     def _fit_levels(self, level, n: int) -> list[float | None]:
         if level is None:
-            if self.noise == "poisson" and self.level is None:
+            if self.noise_model.counts and self.level is None:
+                m = self.noise_model
                 raise ValueError(
-                    "Poisson training needs the scale zeta (level=...) to turn intensities y into counts y / zeta"
+                    f"{m.name.capitalize()} training needs the scale {m.level_name} (level=...) to turn "
+                    f"intensities y into counts y / {m.level_name}"
                 )
             return [self.level] * n
         if isinstance(level, (int, float)) or (torch.is_tensor(level) and level.numel() == 1):
-            return [check_level(self.noise, level)] * n
-        levels = [check_level(self.noise, lv) for lv in level]
+            return [self.noise_model.check_level(level)] * n
+        levels = [self.noise_model.check_level(lv) for lv in level]
         if len(levels) != n:
             raise ValueError(f"got {len(levels)} noise levels for {n} images; pass one level or one per image")
         return levels
 
     # -- denoising -------------------------------------------------------------------------------
     def estimate_level(self, noisy: Tensor, grid: Tensor | Sequence[float] | None = None) -> float:
-        """The noise level of one noisy image ``(C, H, W)`` or ``(1, C, H, W)``, by :func:`estimate_level`."""
+        """The noise level of one noisy image ``(C, H, W)`` or ``(1, C, H, W)``, by :meth:`NoiseModel.estimate_level`."""
         y = noisy if noisy.ndim == 4 else noisy.unsqueeze(0)
-        _check_images(y, self.noise)
-        return estimate_level(y, self.score, self.noise, grid)[0]
+        _check_images(y, self.noise_model)
+        return self.noise_model.estimate_level(y, self.score, grid)[0]
 
     @torch.no_grad()
     def denoise(
         self, noisy: Tensor, noise_level: float | None = None, *, return_info: bool = False
     ) -> Tensor | tuple[Tensor, dict]:
-        """Tweedie's estimate of the clean data (:func:`tweedie`) from ``noisy`` and the learned score.
+        """Tweedie's estimate of the clean data (:meth:`NoiseModel.tweedie`) from ``noisy`` and the learned score.
 
         ``noisy`` is one image ``(C, H, W)``, a batch ``(B, C, H, W)`` or vectors ``(B, D)``. The level
         used is ``noise_level`` if given, else the one the model was built or trained with, else it is
@@ -484,24 +520,21 @@ class Noise2Score:
         if batch.ndim not in (2, 4):
             raise ValueError(f"noisy must be (C, H, W), (B, C, H, W) or (B, D), got shape {tuple(noisy.shape)}")
         if batch.ndim == 4:
-            _check_images(batch, self.noise)
+            _check_images(batch, self.noise_model)
         elif not batch.is_floating_point():
             raise TypeError(f"noisy has dtype {batch.dtype}; expected a floating-point tensor")
         level = noise_level if noise_level is not None else self.level
         if level is not None:
-            level = check_level(self.noise, level)
-            if self.noise == "gaussian" and batch.ndim == 4 and level >= 1:
-                raise ValueError(
-                    f"sigma={level:g} is in [0, 1] intensity units, so it exceeds the whole range; "
-                    f"for 8-bit sigma {level:g} pass {level:g}/255 = {level / 255:.4f}"
-                )
+            level = self.noise_model.check_level(level)
+            if batch.ndim == 4:
+                self.noise_model.check_image_level(level)
         if level is None and batch.ndim == 2:
             raise ValueError("the noise level must be given for vector data: blind estimation works on images")
         chunks = [batch] if batch.ndim == 2 else list(batch.split(1))
         outs, levels, clamped = [], [], []
         for y in chunks:
-            lv = level if level is not None else estimate_level(y, self.score, self.noise)[0]
-            out, frac = tweedie(y, self.score, self.noise, lv, return_clamped=True)
+            lv = level if level is not None else self.noise_model.estimate_level(y, self.score)[0]
+            out, frac = self.noise_model.tweedie(y, self.score, lv, return_clamped=True)
             outs.append(out)
             levels.append(lv)
             clamped.append(frac)
@@ -518,7 +551,7 @@ class Noise2Score:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the network weights (safetensors) with the noise model, level and network config, atomically."""
-        save_checkpoint(path, self.net.state_dict(), self._meta())
+        save_tensors(self.net.state_dict(), path, self._meta())
 
     @classmethod
     def load(
@@ -527,10 +560,10 @@ class Noise2Score:
     ) -> Noise2Score:
         """Rebuild a model saved by :meth:`save`. ``noise``, when given, must be the checkpoint's noise model;
         ``net`` is required when the checkpoint holds a network other than :class:`ScoreUNet`."""
-        tensors, meta = load_checkpoint(path, device)
+        tensors, meta = load_tensors(path, device)
         if meta.get("format") != cls.FORMAT:
             raise ValueError(f"{path} is not a Noise2Score checkpoint (format {meta.get('format')!r}, expected {cls.FORMAT!r})")
-        if noise is not None and check_noise(noise) != meta["noise"]:
+        if noise is not None and _noise_model(noise).name != meta["noise"]:
             raise ValueError(
                 f"{path} was trained for {meta['noise']} noise and cannot denoise {noise} noise: the score of "
                 f"the noisy data depends on the noise model; train a {noise} model (Noise2Score(..., noise={noise!r}).fit)"

@@ -39,6 +39,7 @@ from .checkpoint import load_tensors, save_tensors
 __all__ = [
     "SaRAConfig",
     "SaRALayer",
+    "find_targets",
     "apply_sara",
     "sara_state_dict",
     "save_sara",
@@ -300,7 +301,9 @@ def _matches(name: str, target: str | list[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in target)
 
 
-def _find_targets(model: nn.Module, target: str | list[str] | None) -> list[str]:
+def find_targets(model: nn.Module, target: str | list[str] | None) -> list[str]:
+    """Names of the modules of ``model`` that ``target`` selects (peft's ``target_modules`` rule): a string is a
+    regex over full module names, a list matches names or name suffixes, ``None`` every supported layer."""
     names = []
     mha_children = {
         f"{n}.{c}" if n else c
@@ -349,7 +352,7 @@ def apply_sara(model: nn.Module, config: SaRAConfig) -> nn.Module:
         raise TypeError(f"config must be a SaRAConfig, got {type(config).__name__}")
     if _sara_layers(model):
         raise ValueError("the model already has SaRA adapters; merge_sara(model) first, or load_sara into it")
-    names = _find_targets(model, config.target_modules)
+    names = find_targets(model, config.target_modules)
     selections = {name: config.select(model.get_submodule(name).weight) for name in names}
     if not any(idx.numel() for idx in selections.values()):
         smallest = {n: model.get_submodule(n).weight.detach().abs().min().item() for n in names}

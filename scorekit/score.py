@@ -67,10 +67,10 @@ class ScoreModel(nn.Module):
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; valid parameterizations are {list(PREDICTIONS)}")
         if time_input is None:
-            time_input = "log_sigma" if sde.name == "ve" else "index"
+            time_input = sde.network_time
         if time_input not in TIME_INPUTS:
             raise ValueError(f"unknown time_input {time_input!r}; valid choices are {list(TIME_INPUTS)}")
-        if time_input in ("sigma", "log_sigma") and sde.name != "ve":
+        if time_input in ("sigma", "log_sigma") and not sde.variance_exploding:
             raise ValueError(f"time_input={time_input!r} needs a VESDE, got {sde!r}; use 'index' or 't'")
         self.net, self.sde, self.prediction, self.time_input = net, sde, prediction, time_input
         self.data_shape = tuple(data_shape) if data_shape is not None else data_shape_of(net)

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-__all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "ReverseSDE", "SDES", "make_sde", "batch_time", "bcast"]
+from .validate import positive_int
 
-ScoreFn = Callable[[Tensor, Tensor], Tensor]
+if TYPE_CHECKING:  # score.py imports this module
+    from .score import ScoreFn
+
+__all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "DiscreteVPSDE", "ReverseSDE", "SDES", "make_sde", "batch_time", "bcast"]
 
 
 def bcast(v: Tensor, x: Tensor) -> Tensor:
@@ -61,12 +64,21 @@ def check_time_range(t: Tensor, T: float) -> None:
     flat = t.detach().reshape(-1)
     if flat.stride(0) == 0:  # a broadcast scalar: one value to check
         flat = flat[:1]
+    if flat.device.type != "cpu":
+        # a read-back would make the host wait for the device at every SDE call; check asynchronously
+        torch._assert_async(((flat >= -tol) & (flat <= T + tol)).all(), f"t must lie in [0, {T}] (continuous time)")
+        return
     lo, hi = torch.stack(torch.aminmax(flat)).tolist()  # NaN propagates and fails both tests
     if lo >= -tol and hi <= T + tol:
         return
     bad = ~((t >= -tol) & (t <= T + tol))
     offending = t[bad][:4].tolist()
     raise ValueError(f"t must lie in [0, {T}] (continuous time); got values such as {offending}")
+
+
+def _ddpm_step(x: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
+    """DDPM's forward step as ``(f, G)``: ``x' = sqrt(1 - beta) x + sqrt(beta) z = x + f + G z``."""
+    return bcast(torch.sqrt(1 - beta), x) * x - x, torch.sqrt(beta)
 
 
 class SDE(abc.ABC):
@@ -77,11 +89,15 @@ class SDE(abc.ABC):
     """
 
     name: str = "sde"
+    #: the samplers' default end time ``eps`` (score_sde's ``sampling_eps``: 1e-3 for VP, 1e-5 for VE)
+    sampling_eps: float = 1e-3
+    #: the time input a network for this SDE sees by default (see :data:`scorekit.score.TIME_INPUTS`)
+    network_time: str = "index"
+    #: whether the noise grows without bound (``alpha = 1``), so that ``sigma`` itself can be a time input
+    variance_exploding: bool = False
 
     def __init__(self, N: int = 1000):
-        if int(N) != N or N < 1:
-            raise ValueError(f"N (number of discretization steps) must be a positive integer, got {N!r}")
-        self.N = int(N)
+        self.N = positive_int(N, "N", "number of discretization steps")
 
     @property
     def T(self) -> float:
@@ -248,14 +264,10 @@ class VPSDE(_LinearBeta):
         # alpha^2 = sigmoid(lam) = exp(-B)  =>  B = softplus(-lam)
         return self.t_from_integrated_beta(torch.nn.functional.softplus(-lam))
 
-    @staticmethod
-    def _ddpm_step(x: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
-        return bcast(torch.sqrt(1 - beta), x) * x - x, torch.sqrt(beta)
-
     def discretize(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """DDPM discretization: ``f = sqrt(1 - beta_i) x - x``, ``G = sqrt(beta_i)``."""
         t = batch_time(t, x, self.T)
-        return self._ddpm_step(x, self.discrete_beta(t))
+        return _ddpm_step(x, self.discrete_beta(t))
 
     def discretize_step(self, x: Tensor, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
         """DDPM step from ``s`` to ``t`` with ``1 - beta = alpha(t)^2 / alpha(s)^2 = exp(-(B(t) - B(s)))``.
@@ -264,7 +276,7 @@ class VPSDE(_LinearBeta):
         ``beta(t) / N`` to first order, the reference code's ``beta_i``.
         """
         t, s = batch_time(t, x, self.T), batch_time(s, x, self.T)
-        return self._ddpm_step(x, -torch.expm1(self.integrated_beta(s) - self.integrated_beta(t)))
+        return _ddpm_step(x, -torch.expm1(self.integrated_beta(s) - self.integrated_beta(t)))
 
 
 class SubVPSDE(_LinearBeta):
@@ -293,6 +305,9 @@ class VESDE(SDE):
     """Variance-exploding SDE (eq. 9): ``dx = sigma(t) sqrt(2 log(sigma_max / sigma_min)) dw``, the continuous SMLD."""
 
     name = "ve"
+    sampling_eps = 1e-5
+    network_time = "log_sigma"
+    variance_exploding = True
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, N: int = 1000):
         super().__init__(N)
@@ -347,6 +362,141 @@ class VESDE(SDE):
         return {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "N": self.N}
 
 
+class DiscreteVPSDE(SDE):
+    """A VP SDE read from a discrete table ``alphas_cumprod`` (a diffusers scheduler's), exact at its steps.
+
+    Step ``k = 0..N-1`` of the table sits at ``t_k = (k + 1) / N`` with ``alpha(t_k)^2 = alphas_cumprod[k]``,
+    and ``t = 0`` is the data (``alpha = 1``), so that the samplers' noise-free last step from ``eps = 1 / N``
+    to 0 is DDPM's last step. Between steps the log-SNR ``lambda = log(alpha^2 / sigma^2)`` is linear in
+    ``t``, which makes :meth:`log_snr` and :meth:`t_from_log_snr` closed form and monotone; on a segment
+    with an infinite end (``t = 0``, and ``t = T`` for a zero-terminal-SNR table, ``alphas_cumprod[-1] = 0``,
+    Lin et al. 2024) ``alpha`` itself is linear instead, so that ``d alpha / dt`` stays finite there. The
+    forward SDE is the VP SDE of that ``alpha(t)``: ``dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw`` with
+    ``beta(t) = -d log alpha(t)^2 / dt``.
+    """
+
+    name = "discrete_vp"
+
+    def __init__(self, alphas_cumprod):
+        table = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten().cpu()
+        if table.numel() < 2 or not bool(torch.isfinite(table).all()):
+            raise ValueError(f"alphas_cumprod must hold at least 2 finite numbers, got {table.numel()} entries")
+        if bool((table[0] >= 1) | (table < 0).any() | (table.diff() >= 0).any()):
+            raise ValueError("alphas_cumprod must decrease strictly, from below 1 to >= 0 (a VP schedule's "
+                             f"cumulative product of 1 - beta); got values from {table[0]:.6g} to {table[-1]:.6g}")
+        super().__init__(table.numel())
+        self.alphas_cumprod = table
+        # knots t = j / N, j = 0..N, with the data (alpha = 1) at j = 0
+        abar = torch.cat([table.new_ones(1), table])
+        self._alpha = abar.sqrt()
+        self._lam = torch.log(abar) - torch.log1p(-abar)  # +inf at j = 0, -inf at zero terminal SNR
+        self._tables: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self.sampling_eps = 1.0 / self.N
+
+    def _on(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        if device not in self._tables:
+            self._tables[device] = (self._alpha.to(device), self._lam.to(device))
+        return self._tables[device]
+
+    def _segment(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(j, u, in_log_snr)``: the segment ``[j / N, (j + 1) / N]`` holding ``t``, the position ``u`` in
+        it, and whether it interpolates in log-SNR (both ends finite) or in ``alpha``."""
+        pos = t.to(torch.float64) * self.N
+        j = pos.floor().clamp(0, self.N - 1)
+        _, lam = self._on(t.device)
+        jl = j.long()
+        return jl, pos - j, torch.isfinite(lam[jl]) & torch.isfinite(lam[jl + 1])
+
+    def _alpha_sigma2(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        alpha_k, lam_k = self._on(t.device)
+        j, u, smooth = self._segment(t)
+        lo, hi = torch.where(smooth, lam_k[j], 0.0), torch.where(smooth, lam_k[j + 1], 0.0)
+        lam = lo + u * (hi - lo)
+        a = alpha_k[j] + u * (alpha_k[j + 1] - alpha_k[j])
+        alpha = torch.where(smooth, torch.sigmoid(lam).sqrt(), a)
+        # sigma^2 computed on its own keeps it accurate where alpha is close to 1
+        sigma2 = torch.where(smooth, torch.sigmoid(-lam), (1 - a) * (1 + a))
+        return alpha, sigma2
+
+    def marginal_coeffs(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        alpha, sigma2 = self._alpha_sigma2(t)
+        return alpha.to(t.dtype), sigma2.sqrt().to(t.dtype)
+
+    def log_snr(self, t: Tensor) -> Tensor:
+        alpha, sigma2 = self._alpha_sigma2(t)
+        return (2 * torch.log(alpha) - torch.log(sigma2)).to(t.dtype)
+
+    def t_from_log_snr(self, lam: Tensor) -> Tensor:
+        alpha_k, lam_k = self._on(lam.device)
+        value = lam.to(torch.float64)
+        # the knots' log-SNR decreases in j: the segment holds lam_k[j] >= lam >= lam_k[j + 1]
+        j = (torch.searchsorted(-lam_k, -value.contiguous(), right=False) - 1).clamp(0, self.N - 1)
+        lo, hi = lam_k[j], lam_k[j + 1]
+        smooth = torch.isfinite(lo) & torch.isfinite(hi)
+        u_lam = (value - torch.where(smooth, lo, 0.0)) / torch.where(smooth, hi - lo, 1.0)
+        u_alpha = (torch.sigmoid(value).sqrt() - alpha_k[j]) / (alpha_k[j + 1] - alpha_k[j])
+        u = torch.where(smooth, u_lam, u_alpha).clamp(0, 1)
+        return ((j + u) / self.N).to(lam.dtype)
+
+    def beta(self, t: Tensor) -> Tensor:
+        """``beta(t) = -d log alpha(t)^2 / dt``: ``-sigma^2 d lambda / dt`` on log-SNR segments, and
+        ``-2 (d alpha / dt) / alpha`` on the others (infinite where ``alpha = 0``)."""
+        alpha_k, lam_k = self._on(t.device)
+        j, _, smooth = self._segment(t)
+        alpha, sigma2 = self._alpha_sigma2(t)
+        dlam = torch.where(smooth, lam_k[j + 1] - lam_k[j], 0.0) * self.N
+        dalpha = (alpha_k[j + 1] - alpha_k[j]) * self.N
+        return torch.where(smooth, -sigma2 * dlam, -2 * dalpha / alpha).to(t.dtype)
+
+    def sde(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        t = batch_time(t, x, self.T)
+        beta = self.beta(t)
+        return -0.5 * bcast(beta, x) * x, torch.sqrt(beta)
+
+    @property
+    def prior_std(self) -> float:
+        return 1.0
+
+    def discrete_betas(self, device=None, dtype=torch.float64) -> Tensor:
+        """The table's ``beta_k = 1 - alphas_cumprod[k] / alphas_cumprod[k - 1]`` (``alphas_cumprod[-1] = 1``)."""
+        abar = self._alpha**2
+        return (1 - abar[1:] / abar[:-1]).to(device=device, dtype=dtype)
+
+    def _index(self, t: Tensor) -> Tensor:
+        # step k sits at t = (k + 1) / N; the tolerance keeps round-off at the knots on their own step
+        return torch.floor(t * self.N - 1 + 1e-3).long().clamp(0, self.N - 1)
+
+    def timestep(self, t: Tensor) -> Tensor:
+        """The scheduler's (fractional) timestep at ``t``, ``k = N t - 1``, held at 0 below the first step."""
+        return (t * self.N - 1).clamp(min=0)
+
+    def discrete_beta(self, t: Tensor) -> Tensor:
+        """``beta_k`` of the table at the step holding ``t`` (shape of ``t``)."""
+        return self.discrete_betas(t.device, t.dtype)[self._index(t)]
+
+    def discretize(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """DDPM's ancestral step on the table: ``f = sqrt(1 - beta_k) x - x``, ``G = sqrt(beta_k)``."""
+        t = batch_time(t, x, self.T)
+        return _ddpm_step(x, self.discrete_beta(t))
+
+    def discretize_step(self, x: Tensor, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+        """DDPM step from ``s`` to ``t`` with ``1 - beta = alpha(t)^2 / alpha(s)^2``: exact for the marginals,
+        and the table's own ``beta_k`` between neighbouring steps."""
+        t, s = batch_time(t, x, self.T), batch_time(s, x, self.T)
+        ratio = self._alpha_sigma2(t)[0] / self._alpha_sigma2(s)[0]
+        return _ddpm_step(x, (1 - ratio**2).to(x.dtype))
+
+    def _params(self) -> dict:
+        return {"alphas_cumprod": self.alphas_cumprod.tolist()}
+
+    def __repr__(self) -> str:
+        a = self.alphas_cumprod
+        return f"DiscreteVPSDE(N={self.N}, alphas_cumprod=[{a[0]:.6g} ... {a[-1]:.6g}])"
+
+    def __hash__(self) -> int:
+        return hash((type(self), tuple(self.alphas_cumprod.tolist())))
+
+
 class ReverseSDE:
     """Reverse-time SDE ``dx = [f - g^2 score] dt + g dw_bar`` (eq. 6), or the probability-flow ODE
     ``dx/dt = f - 1/2 g^2 score`` (eq. 13) when ``probability_flow`` is set. Time still runs forward
@@ -372,12 +522,14 @@ class ReverseSDE:
         return f, torch.zeros_like(G) if self.probability_flow else G
 
 
+#: the SDEs a config picks by name; :func:`make_sde` also rebuilds a DiscreteVPSDE from its ``config()``
 SDES: dict[str, type[SDE]] = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
 
 
 def make_sde(name: str, **kwargs) -> SDE:
-    """Build an SDE by name (``"vp"``, ``"subvp"``, ``"ve"``) with its constructor arguments."""
+    """Build an SDE by name (``"vp"``, ``"subvp"``, ``"ve"``, ``"discrete_vp"``) with its constructor arguments."""
     key = name.lower().replace("-", "").replace("_", "")
-    if key not in SDES:
-        raise ValueError(f"unknown SDE {name!r}; valid names are {sorted(SDES)}")
-    return SDES[key](**kwargs)
+    known = {**SDES, "discretevp": DiscreteVPSDE}
+    if key not in known:
+        raise ValueError(f"unknown SDE {name!r}; valid names are {sorted(SDES)} (or 'discrete_vp' with alphas_cumprod)")
+    return known[key](**kwargs)

@@ -1,10 +1,13 @@
-"""A small training loop on accelerate: AdamW with warm-up, gradient clipping, EMA, mixed precision,
-atomic safetensors checkpoints that resume bit-for-bit, a NaN guard and a progress bar.
+"""The one training home: a loop on accelerate with AdamW, warm-up, gradient clipping, EMA, mixed
+precision, a NaN guard, a progress bar and atomic safetensors checkpoints that resume bit-for-bit.
 
-The loop knows nothing about diffusion: it minimises ``loss_fn(model, batch, generator)`` over batches
-drawn from in-memory tensors. :func:`scorekit.losses.make_dsm_loss` gives the score-matching loss;
-classifiers, value networks, Noise2Score and SaRA reuse the same loop with their own losses.
-It runs unchanged under ``accelerate launch --num_processes N``.
+:class:`TrainingLoop` is the core: it checkpoints any number of named modules, optimizers and EMA
+copies into one step directory and runs ``train_step`` until the step count is reached.
+:class:`Trainer` is that loop for one model and ``loss_fn(model, batch, generator)`` over batches drawn
+from in-memory tensors (:func:`scorekit.losses.make_dsm_loss` gives the score-matching loss;
+classifiers, value networks, Noise2Score and SaRA reuse it with their own losses);
+:class:`scorekit.distill.FDistill` runs its generator and critics on the same core.
+Both run unchanged under ``accelerate launch --num_processes N``.
 """
 
 from __future__ import annotations
@@ -16,10 +19,9 @@ import shutil
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from accelerate import Accelerator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -31,10 +33,14 @@ from .checkpoint import (
     save_json,
     save_tensors,
 )
+from .validate import fraction, non_negative, non_negative_int, positive, positive_int
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 __all__ = [
-    "TrainConfig", "Trainer", "latest_checkpoint", "load_weights", "load_state_checked", "count_parameters",
-    "read_checkpoint", "prune_checkpoints", "update_ema", "resolve_precision", "MIXED_PRECISION",
+    "TrainConfig", "TrainingLoop", "Trainer", "latest_checkpoint", "load_weights", "load_state_checked",
+    "count_parameters", "read_checkpoint", "prune_checkpoints", "update_ema", "resolve_precision", "MIXED_PRECISION",
 ]
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
@@ -63,24 +69,25 @@ class TrainConfig:
     resume: bool = True
 
     def __post_init__(self):
+        if isinstance(self.steps, (int, float)) and self.steps < 1:  # the wording configs have always reported
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        self.steps = positive_int(self.steps, "steps")
+        self.batch_size = positive_int(self.batch_size, "batch_size")
+        self.lr = positive(self.lr, "lr")
+        self.weight_decay = non_negative(self.weight_decay, "weight_decay")
         self.betas = tuple(self.betas)
-        checks = [
-            (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
-            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
-            (self.warmup >= 0, f"warmup must be >= 0, got {self.warmup}"),
-            (self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0 or null, got {self.grad_clip}"),
-            (0 <= self.ema_decay < 1, f"ema_decay must lie in [0, 1), got {self.ema_decay}"),
-            (self.mixed_precision in MIXED_PRECISION,
-             f"unknown mixed_precision {self.mixed_precision!r}; valid choices are {list(MIXED_PRECISION)}"),
-            (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (0 = only at the end), got {self.checkpoint_every}"),
-            (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
-            (len(self.betas) == 2, f"betas must be two numbers, got {self.betas}"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(msg)
+        if len(self.betas) != 2:
+            raise ValueError(f"betas must be two numbers, got {self.betas}")
+        self.betas = (fraction(self.betas[0], "betas[0]"), fraction(self.betas[1], "betas[1]"))
+        self.warmup = non_negative_int(self.warmup, "warmup", "steps of linear learning-rate warm-up")
+        if self.grad_clip is not None:
+            self.grad_clip = positive(self.grad_clip, "grad_clip", "null = no clipping")
+        self.ema_decay = fraction(self.ema_decay, "ema_decay")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"unknown mixed_precision {self.mixed_precision!r}; valid choices are {list(MIXED_PRECISION)}")
+        self.log_every = non_negative_int(self.log_every, "log_every", "0 = no loss in the progress bar")
+        self.checkpoint_every = non_negative_int(self.checkpoint_every, "checkpoint_every", "0 = only at the end")
+        self.keep_checkpoints = positive_int(self.keep_checkpoints, "keep_checkpoints")
 
 
 @torch.no_grad()
@@ -150,7 +157,266 @@ def load_weights(path: str | os.PathLike, ema: bool = True) -> tuple[dict[str, T
     return weights, state
 
 
-class Trainer:
+Tracked = nn.Module | torch.optim.Optimizer
+
+
+class TrainingLoop:
+    """The core every trainer runs on: named state in one checkpoint, and the loop around ``train_step``.
+
+    A subclass builds its networks with :meth:`make_optimizer` / :meth:`make_ema`, registers what a
+    checkpoint holds with :meth:`track` (modules, optimizers, EMA copies, each saved as
+    ``NAME.safetensors``), and implements :meth:`train_step`: one update, done through :meth:`optimize`
+    (NaN guard, backward, gradient clipping, warm-up, optimizer step), returning the history entry.
+    :meth:`train` runs it ``config.steps`` times with EMA updates, callbacks ``cb(self)``, a progress bar and
+    a checkpoint every ``config.checkpoint_every`` steps; per-process RNG state goes through
+    :meth:`rank_state` / :meth:`load_rank_state`. ``config`` (kept as ``train_config``) is the
+    :class:`TrainConfig`; the accelerator is built from its ``mixed_precision`` unless one is passed.
+
+    Checkpoints go to ``out_dir/checkpoints/step-XXXXXXXX/``: every tracked object, ``rank-N.safetensors``
+    per process (when there is rank state) and ``state.json`` (``format``, ``step``, ``world_size``,
+    ``history``, ``config``, ``meta``), written to a temporary directory and renamed; the ``keep_checkpoints``
+    newest are kept. :meth:`resume` restores all of it, so that a continued run is bit-for-bit the run that
+    was never interrupted. ``record`` is the config stored in ``state.json`` (default ``config``).
+    """
+
+    checkpoint_format = FORMAT
+    checkpoint_kind = "a scorekit training checkpoint"
+    desc = "train"
+    loss_name, step_name = "loss", "step"
+    advice = "Lower the learning rate, clip gradients or use mixed_precision='no', then resume."
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        record: Any = None,
+        out_dir: str | os.PathLike | None = None,
+        callbacks: Iterable[Callable[[Any], None]] = (),
+        meta: dict | None = None,
+        accelerator: Accelerator | None = None,
+    ):
+        self.train_config = config
+        self.record = record if record is not None else config
+        if accelerator is None:
+            from accelerate import Accelerator
+
+            # cpu=True on machines without CUDA lets accelerate pick its multi-process CPU (gloo) backend
+            # under torchrun / accelerate launch.
+            accelerator = Accelerator(mixed_precision=resolve_precision(config.mixed_precision),
+                                      cpu=not torch.cuda.is_available())
+        self.accelerator = accelerator
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.callbacks, self.meta = list(callbacks), meta or {}
+        self.tracked: dict[str, Tracked] = {}
+        self._ema_of: dict[str, str] = {}
+        self._base_lr: dict[int, float | None] = {}
+        self.step = 0
+        self.history: list = []
+        self._resumed = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    # -- building ------------------------------------------------------------------------------
+    def make_optimizer(self, params: Iterable[nn.Parameter], lr: float | None = None) -> torch.optim.Optimizer:
+        """AdamW over ``params`` with the config's betas and weight decay, prepared for accelerate.
+
+        ``lr=None`` follows ``config.lr`` as it is at each step (callbacks may change it); warm-up scales both.
+        """
+        cfg = self.train_config
+        base = cfg.lr if lr is None else lr
+        opt = self.accelerator.prepare(torch.optim.AdamW(params, lr=base, betas=cfg.betas, weight_decay=cfg.weight_decay))
+        self._base_lr[id(opt)] = lr
+        return opt
+
+    def make_ema(self, module: nn.Module) -> nn.Module:
+        """A frozen copy of ``module`` on the device, in eval mode: the start of an EMA."""
+        return copy.deepcopy(module).requires_grad_(False).eval().to(self.device)
+
+    def track(self, name: str, obj: Tracked, *, ema_of: str | None = None) -> Tracked:
+        """Save and restore ``obj`` (a module, possibly accelerate-wrapped, or an optimizer) as ``NAME.safetensors``.
+
+        With ``ema_of``, ``obj`` is the EMA of the tracked module of that name, updated after every step.
+        Tracking a name again replaces its object (e.g. a rebuilt optimizer).
+        """
+        if not isinstance(obj, (nn.Module, torch.optim.Optimizer)):
+            raise TypeError(f"{name}: only modules and optimizers can be checkpointed, got {type(obj).__name__}")
+        if ema_of is not None and ema_of not in self.tracked:
+            raise ValueError(f"{name}: the EMA source {ema_of!r} is not tracked; track it first")
+        self.tracked[name] = obj
+        if ema_of is not None:
+            self._ema_of[name] = ema_of
+        return obj
+
+    def tracked_modules(self) -> dict[str, nn.Module]:
+        """The tracked modules by name, without accelerate/DDP wrappers."""
+        unwrap = self.accelerator.unwrap_model
+        return {k: unwrap(v) for k, v in self.tracked.items() if isinstance(v, nn.Module)}
+
+    def tracked_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {k: v for k, v in self.tracked.items() if isinstance(v, torch.optim.Optimizer)}
+
+    # -- one update ----------------------------------------------------------------------------
+    def train_step(self) -> Any:
+        """One update (``self.step`` is the number done before it); returns the history entry."""
+        raise NotImplementedError
+
+    def lr(self, base: float | None = None) -> float:
+        """The learning rate of this step: ``base`` (default ``config.lr``) times the linear warm-up."""
+        cfg = self.train_config
+        lr = cfg.lr if base is None else base
+        return lr * min(1.0, (self.step + 1) / cfg.warmup) if cfg.warmup else lr
+
+    def check_loss(self, loss: Tensor) -> Tensor:
+        """The mean of ``loss`` over processes; a non-finite one stops training before it is applied."""
+        value = self.accelerator.reduce(loss.detach().float(), reduction="mean")
+        if not torch.isfinite(value):
+            last = latest_checkpoint(self.out_dir) if self.out_dir is not None else None
+            where = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
+            raise FloatingPointError(f"{self.loss_name} is {value.item()} at {self.step_name} {self.step + 1}: "
+                                     f"training stopped before applying it; {where}. {self.advice}")
+        return value
+
+    def optimize(self, loss: Tensor, optimizers: Sequence[torch.optim.Optimizer]) -> float:
+        """NaN guard, backward, per-optimizer gradient clipping, learning rate, step; returns the mean loss."""
+        acc, clip = self.accelerator, self.train_config.grad_clip
+        value = self.check_loss(loss)
+        acc.backward(loss)
+        if clip is not None:
+            # unscale (fp16) once for just these optimizers, then clip each one's parameters on their own
+            acc.unscale_gradients(list(optimizers))
+            for opt in optimizers:
+                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip)
+        for opt in optimizers:
+            if id(opt) in self._base_lr:  # made by make_optimizer: warm-up and config.lr apply
+                lr = self.lr(self._base_lr[id(opt)])
+                for group in opt.param_groups:
+                    group["lr"] = lr
+            opt.step()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        return value.item()
+
+    def update_emas(self) -> None:
+        """``update_ema`` of every tracked EMA copy towards its source, at the current step."""
+        modules = self.tracked_modules()
+        for name, source in self._ema_of.items():
+            update_ema(modules[name], modules[source], self.train_config.ema_decay, self.step)
+
+    def progress(self) -> dict[str, str]:
+        """What the progress bar shows every ``config.log_every`` steps."""
+        window = self.history[-self.train_config.log_every :]
+        return {"loss": f"{sum(window) / len(window):.4f}"}
+
+    # -- the loop ------------------------------------------------------------------------------
+    def train(self, steps: int | None = None) -> list:
+        """Run until ``steps`` (default ``config.steps``) updates are done; returns the history."""
+        cfg = self.train_config
+        total = steps if steps is not None else cfg.steps
+        if self.out_dir is not None and cfg.resume and not self._resumed:
+            self.resume()
+        bar = tqdm(total=total, initial=self.step, disable=not (cfg.progress and self.is_main), desc=self.desc,
+                   dynamic_ncols=True)
+        while self.step < total:
+            entry = self.train_step()
+            self.step += 1
+            self.update_emas()
+            self.history.append(entry)
+            for cb in self.callbacks:
+                cb(self)
+            if cfg.log_every and self.step % cfg.log_every == 0:
+                bar.set_postfix(self.progress())
+            bar.update(1)
+            if self.out_dir is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+        bar.close()
+        if self.out_dir is not None and self._latest_step() != self.step:
+            self.save_checkpoint()
+        return self.history
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def rank_state(self) -> dict[str, Tensor]:
+        """Per-process state saved as ``rank-N.safetensors`` (RNG streams, data order); none by default."""
+        return {}
+
+    def load_rank_state(self, state: dict[str, Tensor]) -> None:
+        """Restore what :meth:`rank_state` returned."""
+
+    def _latest_step(self) -> int:
+        ckpt = latest_checkpoint(self.out_dir)
+        return -1 if ckpt is None else int(ckpt.name.split("-")[1])
+
+    def save_checkpoint(self) -> Path:
+        """Write ``out_dir/checkpoints/step-XXXXXXXX`` atomically (temp dir, then rename) and prune old ones."""
+        if self.out_dir is None:
+            raise ValueError(f"this {type(self).__name__} has no out_dir; pass out_dir=... to save checkpoints")
+        acc = self.accelerator
+        root = self.out_dir / "checkpoints"
+        final = root / f"step-{self.step:08d}"
+        tmp = root / f".step-{self.step:08d}.tmp"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        rank = self.rank_state()
+        if rank:
+            save_tensors(rank, tmp / f"rank-{acc.process_index}.safetensors")
+        acc.wait_for_everyone()
+        if self.is_main:
+            for name, module in self.tracked_modules().items():
+                save_tensors(module.state_dict(), tmp / f"{name}.safetensors")
+            for name, opt in self.tracked_optimizers().items():
+                tensors, rest = optimizer_to_tensors(opt.state_dict())
+                save_tensors(tensors, tmp / f"{name}.safetensors", rest)
+            state = {
+                "format": self.checkpoint_format,
+                "step": self.step,
+                "world_size": acc.num_processes,
+                "history": self.history,
+                "config": dataclasses.asdict(self.record),
+                "meta": self.meta,
+            }
+            save_json(state, tmp / "state.json")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            prune_checkpoints(root, self.train_config.keep_checkpoints, final)
+        acc.wait_for_everyone()
+        return final
+
+    def resume(self, path: str | os.PathLike | None = None) -> bool:
+        """Restore the newest checkpoint under ``path`` (default ``out_dir``); returns whether one was found."""
+        self._resumed = True
+        path = path if path is not None else self.out_dir
+        found = None if path is None else read_checkpoint(path, self.checkpoint_format, self.checkpoint_kind)
+        if found is None:
+            return False
+        ckpt, state = found
+        acc = self.accelerator
+        written_by = state.get("world_size", acc.num_processes)
+        if written_by != acc.num_processes:
+            raise ValueError(
+                f"{ckpt} was written by {written_by} processes but this run has {acc.num_processes}; "
+                "resume with the same number of processes"
+            )
+        for name, module in self.tracked_modules().items():
+            tensors, _ = load_tensors(ckpt / f"{name}.safetensors", self.device)
+            load_state_checked(module, tensors, ckpt / f"{name}.safetensors")
+        for name, opt in self.tracked_optimizers().items():
+            tensors, rest = load_tensors(ckpt / f"{name}.safetensors", self.device)
+            opt.load_state_dict(optimizer_from_tensors(tensors, rest))
+        if self.rank_state():
+            self.load_rank_state(load_tensors(ckpt / f"rank-{acc.process_index}.safetensors")[0])
+        self.step, self.history = state["step"], list(state["history"])
+        return True
+
+
+class Trainer(TrainingLoop):
     """Minimise ``loss_fn(model, batch, generator)`` with AdamW on accelerate.
 
     ``data`` is a tensor or a tuple of tensors sharing their first dimension; each step draws a batch of
@@ -160,10 +426,10 @@ class Trainer:
     ``callbacks`` are called as ``cb(trainer)`` after every optimizer step (``trainer.step`` is the number
     of steps done). ``meta`` is stored in every checkpoint (e.g. the run config, to rebuild the model).
 
-    With ``out_dir`` set, checkpoints go to ``out_dir/checkpoints/step-XXXXXXXX/`` (safetensors weights,
-    EMA, optimizer and per-process RNG state, plus ``state.json``), each written to a temporary directory
-    and renamed, and :meth:`train` resumes from the newest one: the continued run is bit-for-bit the run
-    that was never interrupted.
+    With ``out_dir`` set, checkpoints go to ``out_dir/checkpoints/step-XXXXXXXX/`` (``model``, ``ema`` and
+    ``optimizer.safetensors``, per-process RNG state ``rank-N.safetensors``, plus ``state.json``), each written
+    to a temporary directory and renamed, and :meth:`train` resumes from the newest one: the continued run is
+    bit-for-bit the run that was never interrupted.
     """
 
     def __init__(
@@ -180,13 +446,9 @@ class Trainer:
         accelerator: Accelerator | None = None,
     ):
         self.config = cfg = config if config is not None else TrainConfig()
-        # cpu=True on machines without CUDA lets accelerate pick its multi-process CPU (gloo) backend
-        # under torchrun / accelerate launch.
-        self.accelerator = acc = accelerator or Accelerator(
-            mixed_precision=resolve_precision(cfg.mixed_precision), cpu=not torch.cuda.is_available()
-        )
-        self.loss_fn, self.callbacks, self.meta = loss_fn, list(callbacks), meta or {}
-        self.out_dir = Path(out_dir) if out_dir is not None else None
+        super().__init__(cfg, out_dir=out_dir, callbacks=callbacks, meta=meta, accelerator=accelerator)
+        acc = self.accelerator
+        self.loss_fn = loss_fn
 
         tensors = (data,) if torch.is_tensor(data) else tuple(data)
         if not tensors or not all(torch.is_tensor(d) for d in tensors):
@@ -204,39 +466,28 @@ class Trainer:
         self._perm = torch.randperm(n, generator=self._data_generator)
         self._pos = 0
 
-        self.ema = copy.deepcopy(model).requires_grad_(False).eval()
-        model.to(acc.device)
-        self.ema.to(acc.device)
-        self.model = acc.prepare(model)
+        ema = self.make_ema(model)
+        self.model = self.track("model", acc.prepare(model.to(acc.device)))
+        self.ema = self.track("ema", ema, ema_of="model")
         self._make_optimizer(params)
-        self.step = 0
-        self.history: list[float] = []
-        self._resumed = False
 
     # -- setup ---------------------------------------------------------------------------------
     def _make_optimizer(self, params: Iterable[nn.Parameter] | None) -> None:
-        model = self.accelerator.unwrap_model(self.model)
-        self.params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
+        self.params = list(params) if params is not None else [p for p in self.unwrapped.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("no trainable parameters: every parameter has requires_grad=False and none were passed")
-        cfg = self.config
-        opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-        self.optimizer = self.accelerator.prepare(opt)
+        self.optimizer = self.track("optimizer", self.make_optimizer(self.params))
 
     def rebuild_optimizer(self, params: Iterable[nn.Parameter] | None = None) -> None:
         """Start a fresh optimizer (and EMA copy) over ``params``: for callbacks that replace parameters
         (SaRA's progressive re-selection)."""
         self._make_optimizer(params)
-        self.ema = copy.deepcopy(self.accelerator.unwrap_model(self.model)).requires_grad_(False).eval()
+        self.ema = self.track("ema", self.make_ema(self.unwrapped), ema_of="model")
 
     @property
     def unwrapped(self) -> nn.Module:
         """The model without accelerate/DDP wrappers."""
         return self.accelerator.unwrap_model(self.model)
-
-    @property
-    def is_main(self) -> bool:
-        return self.accelerator.is_main_process
 
     # -- one step ------------------------------------------------------------------------------
     def _next_batch(self):
@@ -253,66 +504,19 @@ class Trainer:
         batch = tuple(d[idx_t] for d in self.data)
         return batch[0] if self._single else batch
 
-    def _lr(self) -> float:
-        cfg = self.config
-        return cfg.lr * min(1.0, (self.step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
-
-    def _update_ema(self) -> None:
-        update_ema(self.ema, self.unwrapped, self.config.ema_decay, self.step)
+    def train_step(self) -> float:
+        batch = self._next_batch()
+        with self.accelerator.autocast():
+            loss = self.loss_fn(self.model, batch, self.generator)
+        return self.optimize(loss, [self.optimizer])
 
     def train(self, steps: int | None = None) -> list[float]:
         """Run until ``steps`` (default ``config.steps``) optimizer steps are done; returns the loss history."""
-        cfg, acc = self.config, self.accelerator
-        total = steps if steps is not None else cfg.steps
-        if self.out_dir is not None and cfg.resume and not self._resumed:
-            self.resume()
-        bar = tqdm(total=total, initial=self.step, disable=not (cfg.progress and self.is_main), desc="train",
-                   dynamic_ncols=True)
         self.model.train()
-        while self.step < total:
-            batch = self._next_batch()
-            with acc.autocast():
-                loss = self.loss_fn(self.model, batch, self.generator)
-            mean_loss = acc.reduce(loss.detach().float(), reduction="mean")
-            if not torch.isfinite(mean_loss):
-                self._fail(mean_loss.item())
-            acc.backward(loss)
-            if cfg.grad_clip is not None:
-                acc.clip_grad_norm_(self.params, cfg.grad_clip)
-            for group in self.optimizer.param_groups:
-                group["lr"] = self._lr()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            self._update_ema()
-            self.history.append(mean_loss.item())
-            for cb in self.callbacks:
-                cb(self)
-            if cfg.log_every and self.step % cfg.log_every == 0:
-                window = self.history[-cfg.log_every :]
-                bar.set_postfix(loss=f"{sum(window) / len(window):.4f}")
-            bar.update(1)
-            if self.out_dir is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                self.save_checkpoint()
-        bar.close()
-        if self.out_dir is not None and self._latest_step() != self.step:
-            self.save_checkpoint()
-        return self.history
+        return super().train(steps)
 
-    def _fail(self, value: float) -> None:
-        last = latest_checkpoint(self.out_dir) if self.out_dir is not None else None
-        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
-        raise FloatingPointError(
-            f"loss is {value} at step {self.step + 1}: training stopped before applying it; {where}. "
-            "Lower the learning rate, clip gradients or use mixed_precision='no', then resume."
-        )
-
-    # -- checkpoints ---------------------------------------------------------------------------
-    def _latest_step(self) -> int:
-        ckpt = latest_checkpoint(self.out_dir)
-        return -1 if ckpt is None else int(ckpt.name.split("-")[1])
-
-    def _rank_state(self) -> dict[str, Tensor]:
+    # -- per-process state ---------------------------------------------------------------------
+    def rank_state(self) -> dict[str, Tensor]:
         return {
             "generator": self.generator.get_state(),
             "data_generator": self._data_generator.get_state(),
@@ -320,67 +524,10 @@ class Trainer:
             "pos": torch.tensor(self._pos),
         }
 
-    def save_checkpoint(self) -> Path:
-        """Write ``out_dir/checkpoints/step-XXXXXXXX`` atomically (temp dir, then rename) and prune old ones."""
-        if self.out_dir is None:
-            raise ValueError("this Trainer has no out_dir; pass out_dir=... to save checkpoints")
-        acc = self.accelerator
-        root = self.out_dir / "checkpoints"
-        final = root / f"step-{self.step:08d}"
-        tmp = root / f".step-{self.step:08d}.tmp"
-        if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        save_tensors(self._rank_state(), tmp / f"rank-{acc.process_index}.safetensors")
-        acc.wait_for_everyone()
-        if self.is_main:
-            save_tensors(self.unwrapped.state_dict(), tmp / "model.safetensors")
-            save_tensors(self.ema.state_dict(), tmp / "ema.safetensors")
-            opt_tensors, opt_rest = optimizer_to_tensors(self.optimizer.state_dict())
-            save_tensors(opt_tensors, tmp / "optimizer.safetensors", opt_rest)
-            state = {
-                "format": FORMAT,
-                "step": self.step,
-                "world_size": acc.num_processes,
-                "history": self.history,
-                "config": dataclasses.asdict(self.config),
-                "meta": self.meta,
-            }
-            save_json(state, tmp / "state.json")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            prune_checkpoints(root, self.config.keep_checkpoints, final)
-        acc.wait_for_everyone()
-        return final
-
-    def resume(self, path: str | os.PathLike | None = None) -> bool:
-        """Restore the newest checkpoint under ``path`` (default ``out_dir``); returns whether one was found."""
-        self._resumed = True
-        found = read_checkpoint(path if path is not None else self.out_dir)
-        if found is None:
-            return False
-        ckpt, state = found
-        acc = self.accelerator
-        if state["world_size"] != acc.num_processes:
-            raise ValueError(
-                f"{ckpt} was written by {state['world_size']} processes but this run has {acc.num_processes}; "
-                "resume with the same number of processes"
-            )
-        device = acc.device
-        model_sd, _ = load_tensors(ckpt / "model.safetensors", device)
-        load_state_checked(self.unwrapped, model_sd, ckpt / "model.safetensors")
-        ema_sd, _ = load_tensors(ckpt / "ema.safetensors", device)
-        load_state_checked(self.ema, ema_sd, ckpt / "ema.safetensors")
-        opt_tensors, opt_rest = load_tensors(ckpt / "optimizer.safetensors", device)
-        self.optimizer.load_state_dict(optimizer_from_tensors(opt_tensors, opt_rest))
-        rank, _ = load_tensors(ckpt / f"rank-{acc.process_index}.safetensors")
-        self.generator.set_state(rank["generator"])
-        self._data_generator.set_state(rank["data_generator"])
-        self._perm, self._pos = rank["perm"], int(rank["pos"])
-        self.step, self.history = state["step"], list(state["history"])
-        return True
+    def load_rank_state(self, state: dict[str, Tensor]) -> None:
+        self.generator.set_state(state["generator"])
+        self._data_generator.set_state(state["data_generator"])
+        self._perm, self._pos = state["perm"], int(state["pos"])
 
 
 def load_state_checked(module: nn.Module, state: dict[str, Tensor], source: Path) -> None:

@@ -1,10 +1,17 @@
 """The ``scorekit`` command line end to end: train a small run, then sample from it with plug-ins by name."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from scorekit.cli import main
+
+# what `scorekit --help` must not import: each takes longer than torch itself to load
+HEAVY = ("diffusers", "accelerate", "peft", "PIL", "matplotlib", "sklearn")
 
 
 @pytest.fixture(scope="module")
@@ -41,3 +48,14 @@ def test_guidance_errors_say_what_is_missing(run_dir, capsys):
                            (["--guidance", "svdd", "--reward", "nonsense"], "neither a built-in")]:
         rc = main(["sample", "--checkpoint", str(run_dir / "run"), "--n", "4", "--no-progress", *extra])
         assert rc == 2 and message in capsys.readouterr().err
+
+
+def test_help_imports_no_heavy_library():
+    """Every command module imports only the standard library at module level: ``--help`` (which builds every
+    subcommand's parser) loads torch at most (``import scorekit``), never diffusers, accelerate or peft."""
+    code = ("import sys\nfrom scorekit.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            f"print('heavy:', [m for m in {HEAVY!r} if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert "usage: scorekit" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1] == "heavy: []"

@@ -78,11 +78,11 @@ def test_errors_name_the_key_and_list_the_valid_ones(tmp_path):
 
 
 def test_load_score_model_restores_the_ema_weights(tmp_path):
-    from scorekit.commands.train import make_trainer
+    from scorekit.config import build_trainer
 
     cfg = load_config(CONFIGS / "gmm2d.yaml", RunConfig,
                       ["training.steps=3", "training.progress=false", f"out_dir={tmp_path}", "data.n=256"])
-    trainer: Trainer = make_trainer(cfg)
+    trainer: Trainer = build_trainer(cfg)
     trainer.train()
     model, run = load_score_model(tmp_path)
     assert run == cfg

@@ -14,6 +14,7 @@ from scorekit.data import GaussianMixture, imbalanced_mixture
 from scorekit.distill import (
     DIVERGENCES,
     DistillConfig,
+    DistillTrainConfig,
     EmpiricalCritic,
     FDistill,
     OneStepGenerator,
@@ -70,9 +71,9 @@ def test_alpha_family_limits_are_the_kls():
     torch.testing.assert_close(alpha_divergence(1)(R_GRID), DIVERGENCES["forward_kl"](R_GRID))
 
 
-# -- the gradient identity: notes 1.6 A ------------------------------------------------------------
+# -- the gradient identity (the paper's eq. 7) on a 1-D case known by quadrature ------------------
 P1 = GaussianMixture([0.5, 0.5], [[-2.0], [2.0]], 0.6)
-NOTES_GRADIENTS = {  # dD_f/dtheta at theta = 0.7, finite differences of quadrature (notes, section 1.6 A)
+QUADRATURE_GRADIENTS = {  # dD_f/dtheta at theta = 0.7: finite differences of D_f by quadrature on [-12, 12]
     "reverse_kl": -1.14420,
     "forward_kl": 0.86420,
     "js": -0.21152,
@@ -82,7 +83,7 @@ NOTES_GRADIENTS = {  # dD_f/dtheta at theta = 0.7, finite differences of quadrat
     "pearson": 417.208,
     "neyman": -36.307,
 }
-X_GRID = torch.linspace(-12, 12, 24001, dtype=torch.float64)[:, None]  # the notes' quadrature domain
+X_GRID = torch.linspace(-12, 12, 24001, dtype=torch.float64)[:, None]  # the quadrature domain of those numbers
 
 
 def library_gradient(name: str, theta: float, t: float) -> float:
@@ -119,13 +120,13 @@ def quadrature_gradient(name: str, theta: float, t: float, h: float = 1e-5) -> f
     return float((D(theta + h) - D(theta - h)) / (2 * h))
 
 
-@pytest.mark.parametrize("name", sorted(NOTES_GRADIENTS))
-def test_gradient_identity_matches_notes_quadrature(name):
+@pytest.mark.parametrize("name", sorted(QUADRATURE_GRADIENTS))
+def test_gradient_identity_matches_quadrature(name):
     # t = 1e-5: sigma^2 = 1e-6, so p_t, q_t differ from p, q by O(1e-6).
-    # Neyman's D_f is infinite over the whole line here (q^2 / p grows like exp(0.15 x^2)); like the notes,
+    # Neyman's D_f is infinite over the whole line here (q^2 / p grows like exp(0.15 x^2)); like the numbers above,
     # the integral is over [-12, 12].
     got = library_gradient(name, 0.7, 1e-5)
-    assert got == pytest.approx(NOTES_GRADIENTS[name], rel=2e-5, abs=2e-5)
+    assert got == pytest.approx(QUADRATURE_GRADIENTS[name], rel=2e-5, abs=2e-5)
 
 
 @pytest.mark.parametrize("name", ["reverse_kl", "forward_kl", "js", "jeffreys"])
@@ -247,7 +248,8 @@ def hand_dmd_step(fd: FDistill, generator: nn.Module, seed: int, gan_logit=None,
     loss = 0.5 * ((x - (x - grad).detach()) ** 2).mean()
     if gan_weight:
         loss = loss + gan_weight * F.softplus(-gan_logit(x_t, t)).mean()
-    opt = torch.optim.AdamW(g.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    train = cfg.training
+    opt = torch.optim.AdamW(g.parameters(), lr=train.lr, betas=train.betas, weight_decay=train.weight_decay)
     opt.zero_grad()
     loss.backward()
     opt.step()
@@ -271,7 +273,8 @@ def test_generator_update_equals_dmd(case):
         divergence = case.split("_weighted")[0]
         h = {"forward_kl": lambda r: r, "hellinger": math.sqrt}[divergence]  # Hellinger's 1/4 cancels
         gan = 0.2 if case.endswith("_gan") else 0.0
-    cfg = DistillConfig(divergence=divergence, gan_weight=gan, batch_size=16, lr=1e-2, grad_clip=None, progress=False)
+    cfg = DistillConfig(divergence=divergence, gan_weight=gan,
+                        training=DistillTrainConfig(batch_size=16, lr=1e-2, grad_clip=None, progress=False))
     fd = FDistill(teacher, teacher.sde, generator, config=cfg, fake_score=perturbed_copy(teacher), discriminator=logit_fn)
     if h is not None:
         z, t, noise = fd.draw(torch.Generator().manual_seed(3))
@@ -287,7 +290,8 @@ def test_generator_update_equals_dmd(case):
 
 def test_generator_and_fake_score_start_from_the_teacher():
     teacher = tiny_teacher()
-    fd = FDistill(teacher, teacher.sde, config=DistillConfig(divergence="reverse_kl", gan_weight=0.0, progress=False))
+    fd = FDistill(teacher, teacher.sde, config=DistillConfig(divergence="reverse_kl", gan_weight=0.0,
+                                                              training=DistillTrainConfig(progress=False)))
     z = torch.randn(8, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     # the paper's student: the teacher run once from pure noise at T, x = x0_hat(prior_std z, T)
     expected = tweedie_denoise(teacher, teacher.sde, teacher.sde.prior_std * z, torch.ones(8, dtype=torch.float64))
@@ -305,7 +309,7 @@ def test_generator_and_fake_score_start_from_the_teacher():
 
 def test_five_critic_updates_per_generator_update():
     # DMD2's two-time-scale rule as f-distill uses it: the defaults are the reference code's
-    cfg = DistillConfig(divergence="js", steps=3, batch_size=8, progress=False)
+    cfg = DistillConfig(divergence="js", training=DistillTrainConfig(steps=3, batch_size=8, progress=False))
     assert (cfg.critic_steps, cfg.ratio_clip, cfg.ratio_bins, cfg.logit_clamp) == (5, (0.1, 20.0), 10, 10.0)
     teacher = tiny_teacher()
     data = imbalanced_mixture().sample(64, torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -347,7 +351,7 @@ def test_learned_discriminator_needs_data():
 def test_nan_loss_stops_training_with_a_clear_error():
     teacher = tiny_teacher()
     nan_teacher = lambda x, t: torch.full_like(x, float("nan"))  # noqa: E731
-    cfg = DistillConfig(steps=2, critic_steps=1, gan_weight=0.0, progress=False)
+    cfg = DistillConfig(critic_steps=1, gan_weight=0.0, training=DistillTrainConfig(steps=2, progress=False))
     fd = FDistill(nan_teacher, teacher.sde, nn.Linear(2, 2).double(), config=cfg, fake_score=perturbed_copy(teacher),
                   data_shape=(2,))
     with pytest.raises(FloatingPointError, match="f-distill loss is nan at generator step 1"):
@@ -355,14 +359,40 @@ def test_nan_loss_stops_training_with_a_clear_error():
 
 
 # -- checkpoints, resume, save/load ------------------------------------------------------------------
-def small_run(out_dir, steps, **kw):
+def small_run(out_dir, steps, callbacks=()):
     teacher = tiny_teacher()
     data = imbalanced_mixture().sample(256, torch.Generator().manual_seed(0), dtype=torch.float64)
-    cfg = DistillConfig(divergence="js", steps=4, critic_steps=2, batch_size=16, lr=1e-3, checkpoint_every=2,
-                        progress=False, **kw)
-    fd = FDistill(teacher, teacher.sde, config=cfg, data=data, out_dir=out_dir)
+    cfg = DistillConfig(divergence="js", critic_steps=2,
+                        training=DistillTrainConfig(steps=4, batch_size=16, lr=1e-3, checkpoint_every=2, progress=False))
+    fd = FDistill(teacher, teacher.sde, config=cfg, data=data, out_dir=out_dir, callbacks=callbacks)
     fd.train(steps)
     return fd
+
+
+def assert_same_state(a, b):
+    """Two state dicts (of modules or optimizers) are equal to the bit: tensors, numbers and nesting."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same_state(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same_state(x, y)
+    elif torch.is_tensor(a):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    else:
+        assert a == b
+
+
+def assert_same_run(straight: FDistill, resumed: FDistill):
+    assert resumed.step == straight.step and resumed.history == straight.history
+    for name in ("generator", "generator_ema", "fake_score", "discriminator", "ratio_normalizer"):
+        assert_same_state(straight._modules()[name].state_dict(), resumed._modules()[name].state_dict())
+    opts = straight.tracked_optimizers()
+    assert set(opts) == {"optimizer_generator", "optimizer_fake_score", "optimizer_discriminator"}
+    for name, opt in opts.items():
+        assert_same_state(opt.state_dict(), resumed.tracked_optimizers()[name].state_dict())
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -374,6 +404,29 @@ def test_resume_continues_exactly(tmp_path):
         for a, b in zip(straight._modules()[name].state_dict().values(), resumed._modules()[name].state_dict().values()):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+    assert_same_run(straight, resumed)
+
+
+def test_interrupted_run_resumes_bit_for_bit(tmp_path):
+    # A run killed after its 3rd generator update (checkpoint at 2 only), continued by a fresh FDistill on
+    # the same out_dir, ends equal to the bit to the uninterrupted run: every network, the EMA, the ratio
+    # bins, the three optimizers' states and the history.
+    def crash(fd):
+        if fd.step == 3:
+            raise KeyboardInterrupt
+
+    straight = small_run(tmp_path / "a", 4)
+    with pytest.raises(KeyboardInterrupt):
+        small_run(tmp_path / "b", 4, callbacks=[crash])
+    ckpt = tmp_path / "b" / "checkpoints" / "step-00000002"
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["step-00000002"]
+    assert {p.name for p in ckpt.iterdir()} == {
+        "generator.safetensors", "generator_ema.safetensors", "fake_score.safetensors", "discriminator.safetensors",
+        "ratio_normalizer.safetensors", "optimizer_generator.safetensors", "optimizer_fake_score.safetensors",
+        "optimizer_discriminator.safetensors", "state.json"}
+    resumed = small_run(tmp_path / "b", 4)
+    assert_same_run(straight, resumed)
+    assert resumed.history[2] == straight.history[2]  # the lost 3rd update was redone, not skipped
 
 
 def test_save_and_load_generator(tmp_path):
@@ -391,16 +444,17 @@ def test_save_and_load_generator(tmp_path):
 
 def test_cli_distills_a_trained_teacher(tmp_path):
     from scorekit.cli import main
-    from scorekit.commands.train import make_trainer
     from scorekit.config import RunConfig, load_config
+    from scorekit.config import build_trainer as make_trainer
 
     teacher_cfg = load_config("configs/digits_vp.yaml", RunConfig, [
         f"out_dir={tmp_path / 'teacher'}", "training.steps=2", "training.batch_size=8", "training.progress=false",
         "model.options.block_out_channels=[8,16,16]"])
     make_trainer(teacher_cfg).train()
     rc = main(["distill", "--config", "configs/distill_digits.yaml", "--teacher", str(tmp_path / "teacher"),
-               "--out_dir", str(tmp_path / "fd"), "--divergence", "js", "distill.steps=2", "distill.critic_steps=1",
-               "distill.batch_size=4", "distill.progress=false", "n_samples=4"])
+               "--out_dir", str(tmp_path / "fd"), "--divergence", "js", "distill.training.steps=2",
+               "distill.critic_steps=1", "distill.training.batch_size=4", "distill.training.progress=false",
+               "n_samples=4"])
     assert rc == 0
     generator, meta = load_generator(tmp_path / "fd" / "generator.safetensors")
     assert meta["divergence"] == "js" and meta["steps"] == 2
@@ -411,7 +465,7 @@ def test_cli_distills_a_trained_teacher(tmp_path):
     assert rc == 2
 
 
-# -- the 2-D imbalanced mixture: mode coverage (notes 1.6 B, oracle variant) -------------------------
+# -- the 2-D imbalanced mixture: mode coverage with exact (oracle) critics --------------------------
 MIX = imbalanced_mixture()
 COMMON = GaussianMixture([0.6 / 0.95, 0.35 / 0.95], MIX.means[:2], 0.4)  # the mixture without its 5% mode
 Z_EVAL = torch.randn(4000, 2, generator=torch.Generator().manual_seed(5))
@@ -421,8 +475,8 @@ def oracle_distill(gen, target, divergence, steps, lr, record=None):
     """f-distill of ``target``'s exact score into ``gen`` with the exact critics of EmpiricalCritic."""
     sde = VPSDE()
     critic = EmpiricalCritic(gen, sde, lambda x, t: target.log_prob(x, t, sde), (2,), n=1024, bandwidth=0.1)
-    cfg = DistillConfig(divergence=divergence, steps=steps, batch_size=256, lr=lr, ema_decay=0.95, gan_weight=0.0,
-                        progress=False)
+    cfg = DistillConfig(divergence=divergence, gan_weight=0.0,
+                        training=DistillTrainConfig(steps=steps, batch_size=256, lr=lr, ema_decay=0.95, progress=False))
     callbacks = [critic.refresh] + ([record] if record else [])
     fd = FDistill(target.score_fn(sde), sde, gen, config=cfg, fake_score=critic.score,
                   discriminator=critic.log_ratio, data_shape=(2,), callbacks=callbacks)

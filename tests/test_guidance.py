@@ -19,7 +19,7 @@ from guidance.classifier import (
 )
 from samplers import ode_sample, pc_sample
 from scorekit import VESDE, VPSDE
-from scorekit.checkpoint import save_checkpoint
+from scorekit.checkpoint import save_tensors
 from scorekit.data import imbalanced_mixture
 from scorekit.nets.classifier import ConvClassifier, MLPClassifier, classifier_from_config, make_classifier
 
@@ -150,7 +150,7 @@ def test_save_and_load_round_trip(tmp_path):
 
 def test_load_refuses_foreign_files(tmp_path):
     path = tmp_path / "other.safetensors"
-    save_checkpoint(path, {"w": torch.zeros(2)}, {"format": "something-else"})
+    save_tensors({"w": torch.zeros(2)}, path, {"format": "something-else"})
     with pytest.raises(ValueError, match="not a scorekit classifier"):
         load_classifier(path)
 

@@ -12,6 +12,7 @@ from scipy.spatial.distance import pdist
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from sklearn.neighbors import NearestNeighbors
 
+from scorekit import fd_digits as FD
 from scorekit import metrics as M
 from scorekit.checkpoint import load_json
 from scorekit.data import load_digits
@@ -195,22 +196,22 @@ def digits():
 
 def test_digits_classifier_reports_its_held_out_accuracy(digits):
     _, test, labels, _ = digits
-    info = load_json(M.DIGITS_ASSET.with_suffix(".json"))
-    net = M.digits_classifier()
+    info = load_json(FD.DIGITS_ASSET.with_suffix(".json"))
+    net = FD.digits_classifier()
     with torch.no_grad():
         accuracy = float((net(test).argmax(1) == labels).double().mean())
     assert accuracy == pytest.approx(info["test_accuracy"], abs=1e-12)
     assert accuracy > 0.97
-    assert M.digits_features(test).shape == (len(test), info["architecture"]["feature_dim"])
+    assert FD.digits_features(test).shape == (len(test), info["architecture"]["feature_dim"])
 
 
 def test_fd_digits_orders_real_blurred_and_noise(digits):
     train, test, _, noise = digits
     fd_test, fd_light, fd_blur, fd_noise = (
-        M.fd_digits(train, s) for s in (test, (test + blur(test)) / 2, blur(test), noise)
+        FD.fd_digits(train, s) for s in (test, (test + blur(test)) / 2, blur(test), noise)
     )
     assert 10 * fd_test < fd_light < fd_blur < fd_noise
-    good, bad = M.digits_metrics(test, train), M.digits_metrics(noise, train)
+    good, bad = FD.digits_metrics(test, train), FD.digits_metrics(noise, train)
     assert good["fd_digits"] == pytest.approx(fd_test, rel=1e-6)
     assert good["precision"] > 0.8 and good["recall"] > 0.8
     assert bad["precision"] < 0.3 and bad["recall"] < 0.3
@@ -219,11 +220,11 @@ def test_fd_digits_orders_real_blurred_and_noise(digits):
 
 def test_rebuilding_the_digits_features_reproduces_the_accuracy(tmp_path, digits):
     _, test, labels, _ = digits
-    shipped = load_json(M.DIGITS_ASSET.with_suffix(".json"))
-    _, info = M.build_digits_features(tmp_path / "digits_features.safetensors")
+    shipped = load_json(FD.DIGITS_ASSET.with_suffix(".json"))
+    _, info = FD.build_digits_features(tmp_path / "digits_features.safetensors")
     assert info["training"] == shipped["training"] and info["architecture"] == shipped["architecture"]
     assert info["test_accuracy"] == pytest.approx(shipped["test_accuracy"], abs=0.01)
-    rebuilt = M.digits_classifier(tmp_path / "digits_features.safetensors")
+    rebuilt = FD.digits_classifier(tmp_path / "digits_features.safetensors")
     with torch.no_grad():
         assert float((rebuilt(test).argmax(1) == labels).double().mean()) == pytest.approx(
             info["test_accuracy"]
@@ -256,8 +257,8 @@ def test_bad_inputs_give_clear_errors():
         M.ssim(img, img, data_range=2.0, gaussian_weights=True)
     digits16 = (load_digits("test")[0][:10] + 1) * 8
     with pytest.raises(ValueError, match=r"spans \[0, 16\].*x / 8 - 1"):
-        M.fd_digits(digits16, digits16)
+        FD.fd_digits(digits16, digits16)
     with pytest.raises(ValueError, match="looks like \\[0, 1\\] images"):
-        M.digits_features(digits16 / 16)
+        FD.digits_features(digits16 / 16)
     with pytest.raises(ValueError, match=r"expect \(B, 1, 8, 8\)"):
-        M.digits_features(torch.zeros(4, 3, 8, 8))
+        FD.digits_features(torch.zeros(4, 3, 8, 8))

@@ -1,6 +1,6 @@
 """Minority score, minority guidance and self-guided minority sampling, against closed forms.
 
-Test beds: a Gaussian (the minority score is a closed form), the 1-D mixture of the notes (check V1:
+Test beds: a Gaussian (the minority score is a closed form), the 1-D mixture of docs/notes.md (check V1:
 weights 0.95 / 0.05 at -2 / +2, std 0.5, where the level classifier ``p(level | x_t)`` is exact by
 quadrature, so guidance at scale 1 must reproduce ``p(x0 | level)``), and the 2-D imbalanced mixture
 (check V2: a classifier trained by ``train_minority_classifier``).
@@ -44,7 +44,7 @@ def gen(seed):
 def test_reference_level_is_ddpm_step_605():
     betas = np.linspace(1e-4, 0.02, 1000)
     assert REFERENCE_ALPHA_BAR == pytest.approx(np.prod(1 - betas[:606]), rel=1e-12)
-    assert REFERENCE_ALPHA_BAR == pytest.approx(0.024, abs=5e-4)  # the notes' value
+    assert REFERENCE_ALPHA_BAR == pytest.approx(0.024, abs=5e-4)  # the reference code's step 605 of 1000 (docs/notes.md, V1)
     assert ddpm_alpha_bar(0) == pytest.approx(1 - 1e-4)
 
 
@@ -212,7 +212,7 @@ def test_exact_level_classifier_is_a_distribution(exact_levels_10):
     x = 3 * torch.randn(16, 1, generator=gen(8), dtype=torch.float64)
     t = torch.rand(16, generator=gen(9), dtype=torch.float64) * 0.99 + 0.005
     torch.testing.assert_close(clf(x, t).exp().sum(1), torch.ones(16, dtype=torch.float64))
-    assert clf.minority_share(9) == pytest.approx(0.495, abs=0.01)  # the notes' table (their 64-draw scores)
+    assert clf.minority_share(9) == pytest.approx(0.495, abs=0.01)  # docs/notes.md, V1 (exact, from 64-draw scores)
 
 
 def test_minority_guidance_with_the_exact_classifier_samples_the_level_conditional(mixture_1d, exact_levels_10):

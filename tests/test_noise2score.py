@@ -1,7 +1,6 @@
 """Noise2Score: Tweedie's formulas against closed forms, AR-DAE against an exact score, blind level
 estimation, persistence, the CLI, and the error messages users see."""
 
-import argparse
 import math
 
 import numpy as np
@@ -9,8 +8,9 @@ import pytest
 import torch
 from scipy import integrate
 
-from scorekit.commands import denoise as denoise_cmd
+from scorekit.cli import build_parser
 from scorekit.data import GaussianMixture
+from scorekit.images import read_image, write_image
 from scorekit.noise2score import (
     ARDAE,
     NOISE_MODELS,
@@ -31,7 +31,7 @@ def gaussian_noise_sde(sigma: float) -> VESDE:
 
 # -- Tweedie's formula, given the exact score of the noisy marginal --------------------------------
 def test_gaussian_tweedie_is_the_posterior_mean_of_a_mixture_prior():
-    """Prior 0.3 N(-1, 0.2^2) + 0.7 N(1.5, 0.5^2), sigma = 0.5 (notes 2.6 A): y + sigma^2 s(y) = E[x | y],
+    """Prior 0.3 N(-1, 0.2^2) + 0.7 N(1.5, 0.5^2), sigma = 0.5: y + sigma^2 s(y) = E[x | y] (paper Sec. 3.2, Table 1),
     checked against quadrature of prior x likelihood, independent of the mixture's own formulas."""
     prior = GaussianMixture([0.3, 0.7], [[-1.0], [1.5]], [0.2, 0.5])
     sigma = 0.5
@@ -100,7 +100,7 @@ def test_gamma_tweedie_clamps_and_reports_a_bad_denominator():
 @pytest.mark.parametrize("zeta", [1.0, 0.05])
 def test_poisson_tweedie_is_geometric_posterior_mean_for_counts(zeta):
     """lambda ~ Gamma(4, rate 0.5), z ~ Poisson(lambda), y = zeta z: (y + zeta/2) exp(s(z)) with the score
-    taken w.r.t. the counts z equals zeta exp(E[log lambda | z]) within 1% for z >= 10 (notes 2.6 C)."""
+    taken w.r.t. the counts z equals zeta exp(E[log lambda | z]) within 1% for z >= 10 (paper Sec. 3.2, Table 1)."""
     a, rate = 4.0, 0.5
     z = torch.tensor([0.0, 2.0, 10.0, 20.0, 50.0, 100.0], dtype=torch.float64)
 
@@ -119,8 +119,9 @@ def test_poisson_tweedie_is_geometric_posterior_mean_for_counts(zeta):
         geo.append(math.exp(integrate.quad(post, 0, 400, args=(math.log,))[0] / integrate.quad(post, 0, 400, args=(lambda t: 1.0,))[0]))
     geo = zeta * torch.tensor(geo, dtype=torch.float64)
     assert ((est - geo).abs() / geo)[z >= 10].max() < 0.01
-    notes = torch.tensor([2.085, 3.648, 8.999, 35.667], dtype=torch.float64)  # z = 0, 2, 10, 50
-    torch.testing.assert_close((est / zeta)[[0, 1, 2, 4]], notes, rtol=0, atol=5e-4)
+    # the closed form (z + 1/2) exp(psi(z + a) - psi(z + 1) - log(1 + rate)) at z = 0, 2, 10, 50
+    closed_form = torch.tensor([2.085, 3.648, 8.999, 35.667], dtype=torch.float64)
+    torch.testing.assert_close((est / zeta)[[0, 1, 2, 4]], closed_form, rtol=0, atol=5e-4)
 
 
 # -- AR-DAE -------------------------------------------------------------------------------------------
@@ -256,10 +257,10 @@ def test_poisson_network_sees_counts():
     torch.testing.assert_close(out, y + 0.005)  # zero score: (y + zeta / 2) exp(0)
 
 
-def _cli(*argv):
-    parser = argparse.ArgumentParser()
-    denoise_cmd.add_parser(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["denoise", *map(str, argv)])
+def denoise_cli(*argv):
+    """``scorekit denoise ARGV`` through the CLI's parser; errors raise (``main`` would print them)."""
+    args = build_parser(["denoise"]).parse_args(["denoise", *map(str, argv)])
+    return args._run(args)
 
 
 def test_cli_fit_save_and_reuse_checkpoint(tmp_path):
@@ -271,20 +272,20 @@ def test_cli_fit_save_and_reuse_checkpoint(tmp_path):
     for i in range(2):
         Image.fromarray(rng.integers(0, 256, (40, 48), dtype=np.uint8)).save(src / f"im{i}.png")
     ckpt = tmp_path / "n2s.safetensors"
-    assert denoise_cmd.run(_cli(src, out_dir, "--sigma", 25, "--fit", "--steps", 3, "--width", 8, "--depth", 2,
-                                "--patch-size", 32, "--save-checkpoint", ckpt)) == 0
+    assert denoise_cli(src, out_dir, "--sigma", 25, "--fit", "--steps", 3, "--width", 8, "--depth", 2,
+                       "--patch-size", 32, "--save-checkpoint", ckpt) == 0
     first = np.array(Image.open(out_dir / "im0.png"))
     assert first.dtype == np.uint8 and first.shape == (40, 48)
     again = tmp_path / "again.npy"
-    assert denoise_cmd.run(_cli(src / "im0.png", again, "--sigma", 25, "--checkpoint", ckpt)) == 0
+    assert denoise_cli(src / "im0.png", again, "--sigma", 25, "--checkpoint", ckpt) == 0
     arr = np.load(again)
     np.testing.assert_array_equal(np.round(np.clip(arr, 0, 1) * 255).astype(np.uint8), first)
     model = Noise2Score.load(ckpt)
-    img = denoise_cmd.read_image(src / "im0.png")
+    img = read_image(src / "im0.png")
     expected = model.denoise(img, 25 / 255).numpy()[0]
     np.testing.assert_allclose(arr, expected, atol=1e-6)
     with pytest.raises(ValueError, match="trained for gaussian noise and cannot denoise gamma noise"):
-        denoise_cmd.run(_cli(src / "im0.png", tmp_path / "x.png", "--noise", "gamma", "--k", 50, "--checkpoint", ckpt))
+        denoise_cli(src / "im0.png", tmp_path / "x.png", "--noise", "gamma", "--k", 50, "--checkpoint", ckpt)
 
 
 def test_cli_poisson_fit_scales_counts_back_to_intensities(tmp_path):
@@ -293,8 +294,8 @@ def test_cli_poisson_fit_scales_counts_back_to_intensities(tmp_path):
     png = tmp_path / "a.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8)).save(png)
     ckpt = tmp_path / "p.safetensors"
-    assert denoise_cmd.run(_cli(png, tmp_path / "b.png", "--noise", "poisson", "--zeta", 0.02, "--fit", "--steps", 2,
-                                "--width", 8, "--depth", 2, "--patch-size", 32, "--save-checkpoint", ckpt)) == 0
+    assert denoise_cli(png, tmp_path / "b.png", "--noise", "poisson", "--zeta", 0.02, "--fit", "--steps", 2,
+                       "--width", 8, "--depth", 2, "--patch-size", 32, "--save-checkpoint", ckpt) == 0
     model = Noise2Score.load(ckpt, noise="poisson")
     assert model.level == 0.02 and model.net.config["input_scale"] == 0.02
 
@@ -302,8 +303,8 @@ def test_cli_poisson_fit_scales_counts_back_to_intensities(tmp_path):
 def test_image_io_roundtrip(tmp_path):
     img = torch.rand(1, 9, 11, generator=torch.Generator().manual_seed(0))
     for name, bits, tol in (("a.png", 8, 0.5 / 255), ("b.png", 16, 0.5 / 65535), ("c.tif", 8, 0), ("d.npy", 8, 0)):
-        denoise_cmd.write_image(tmp_path / name, img, bits)
-        back = denoise_cmd.read_image(tmp_path / name)
+        write_image(tmp_path / name, img, bits)
+        back = read_image(tmp_path / name)
         assert back.shape == img.shape and back.dtype == torch.float32
         assert (back - img).abs().max().item() <= tol + 1e-7
 
@@ -354,10 +355,10 @@ def test_fit_refuses_patches_larger_than_images_and_mismatched_levels():
 
 
 def test_loading_a_file_that_is_not_a_noise2score_checkpoint(tmp_path):
-    from scorekit.checkpoint import save_checkpoint
+    from scorekit.checkpoint import save_tensors
 
     path = tmp_path / "other.safetensors"
-    save_checkpoint(path, {"w": torch.zeros(1)}, {"format": "something/1"})
+    save_tensors({"w": torch.zeros(1)}, path, {"format": "something/1"})
     with pytest.raises(ValueError, match=r"is not a Noise2Score checkpoint \(format 'something/1', expected 'scorekit.noise2score/1'\)"):
         Noise2Score.load(path)
 
@@ -368,8 +369,8 @@ def test_cli_errors_name_the_right_flag(tmp_path):
     png = tmp_path / "a.png"
     Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(png)
     with pytest.raises(ValueError, match="--sigma is the gaussian noise level; for --noise gamma use --k"):
-        denoise_cmd.run(_cli(png, tmp_path / "b.png", "--noise", "gamma", "--sigma", 25, "--fit"))
+        denoise_cli(png, tmp_path / "b.png", "--noise", "gamma", "--sigma", 25, "--fit")
     with pytest.raises(ValueError, match="no model: pass --checkpoint PATH"):
-        denoise_cmd.run(_cli(png, tmp_path / "b.png", "--sigma", 25))
+        denoise_cli(png, tmp_path / "b.png", "--sigma", 25)
     with pytest.raises(ValueError, match="must be a positive number"):
-        denoise_cmd.run(_cli(png, tmp_path / "b.png", "--sigma", -5, "--fit"))
+        denoise_cli(png, tmp_path / "b.png", "--sigma", -5, "--fit")

@@ -43,7 +43,7 @@ def test_encode_then_decode_reconstructs(sde):
 
 @pytest.mark.parametrize("method", ["dopri5", "dopri8", "bosh3"])
 def test_score_is_never_evaluated_outside_eps_T(method):
-    """torchdiffeq's adaptive solvers probe past the end time unless told not to (the notes' pitfall)."""
+    """torchdiffeq's adaptive solvers probe past the end time unless told not to (docs/notes.md, the ODE end-time pitfall)."""
     sde, eps = VPSDE(), 1e-3
     seen = []
 
@@ -137,7 +137,7 @@ class ShiftScore(Guidance):
 
 
 class SelectStep(Guidance):
-    needs_stochastic_step = True
+    kind = "step"
 
 
 def test_score_guidance_applies_and_step_guidance_raises():

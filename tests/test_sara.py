@@ -515,7 +515,7 @@ def test_lora_budget_caps_the_rank_of_narrow_modules():
     (scale alpha / r kept), and the global rank is chosen so that the total is the closest to SaRA's budget."""
     from peft.tuners.lora import LoraLayer
 
-    from scorekit.commands.finetune import FinetuneConfig, prepare_model
+    from scorekit.finetune import FinetuneConfig, prepare_model
 
     base = make_small()
     cfg = FinetuneConfig(method="lora", sara=SaRAConfig(fraction=0.3))

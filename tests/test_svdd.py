@@ -1,22 +1,13 @@
-"""SVDD (guidance.svdd) against closed forms on Gaussian and product mixtures (the notes' checks V3-V5)."""
+"""SVDD (guidance.svdd) against closed forms on Gaussian and product mixtures (docs/notes.md, checks V3-V5)."""
 
 import math
 
 import pytest
 import torch
 
-from guidance.svdd import (
-    REWARDS,
-    SVDD,
-    RewardGradientGuidance,
-    best_of_n,
-    default_value_config,
-    digits_compressibility,
-    fit_value_function,
-    ink_mass,
-    load_reward,
-    png_compressibility,
-)
+from guidance.dps import RewardGradientGuidance
+from guidance.rewards import REWARDS, digits_compressibility, ink_mass, load_reward, png_compressibility
+from guidance.svdd import SVDD, best_of_n, default_value_config, fit_value_function
 from samplers import count_nfe, ode_sample, pc_sample
 from samplers.masked import masked_sample
 from scorekit import VPSDE
@@ -25,7 +16,7 @@ from scorekit.discrete import MaskedDiffusion, count_token, imbalanced_sequences
 
 SDE = VPSDE()
 RARE = 2  # index of the rare mode of imbalanced_mixture()
-MIX1 = GaussianMixture([0.95, 0.05], [[-2.0], [2.0]], 0.5)  # the notes' 1-D test bed
+MIX1 = GaussianMixture([0.95, 0.05], [[-2.0], [2.0]], 0.5)  # the 1-D test bed of docs/notes.md
 
 
 def staircase(x):
@@ -316,7 +307,7 @@ def test_image_rewards():
 
 def test_load_reward_resolves_names_modules_and_files(tmp_path):
     assert load_reward("compressibility") is REWARDS["compressibility"]
-    assert load_reward("guidance.svdd:ink_mass") is ink_mass
+    assert load_reward("guidance.rewards:ink_mass") is ink_mass
     path = tmp_path / "my_reward.py"
     path.write_text("def reward(x):\n    return x.sum(1)\n")
     assert torch.equal(load_reward(f"{path}:reward")(torch.ones(3, 2)), torch.full((3,), 2.0))
@@ -325,7 +316,7 @@ def test_load_reward_resolves_names_modules_and_files(tmp_path):
     with pytest.raises(ValueError, match="cannot load the reward module 'no_such_module'"):
         load_reward("no_such_module:f")
     with pytest.raises(ValueError, match="has no callable 'missing'"):
-        load_reward("guidance.svdd:missing")
+        load_reward("guidance.rewards:missing")
 
 
 # -- bad input -------------------------------------------------------------------------------------

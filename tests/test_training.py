@@ -1,5 +1,7 @@
-"""Denoising score matching against its closed form, and the Trainer: resume, EMA, NaN guard, 2 processes."""
+"""Denoising score matching against its closed form, the training core (named state in one checkpoint) and
+the Trainer: resume, EMA, NaN guard, 2 processes."""
 
+import json
 import os
 import pickle
 import subprocess
@@ -21,6 +23,7 @@ from scorekit.nets import MLP
 from scorekit.training import (
     TrainConfig,
     Trainer,
+    TrainingLoop,
     latest_checkpoint,
     load_weights,
     prune_checkpoints,
@@ -93,6 +96,72 @@ def test_resume_is_bit_for_bit(tmp_path):
     assert names == ["step-00000020", "step-00000030"]
     weights, state = load_weights(tmp_path / "part")
     assert state["step"] == 30 and state["meta"] == {}
+
+
+class TwoNets(TrainingLoop):
+    """The core with two networks, an optimizer each (one at its own learning rate) and an EMA of one."""
+
+    def __init__(self, out_dir, **cfg):
+        super().__init__(TrainConfig(steps=6, batch_size=8, lr=1e-2, warmup=2, checkpoint_every=3, progress=False,
+                                     **cfg), out_dir=out_dir)
+        torch.manual_seed(0)
+        a, b = nn.Linear(3, 4), nn.Linear(4, 1)
+        ema = self.make_ema(a)
+        self.a = self.track("a", self.accelerator.prepare(a))
+        self.b = self.track("b", self.accelerator.prepare(b))
+        self.track("a_ema", ema, ema_of="a")
+        self.track("optimizer_a", self.make_optimizer(a.parameters()))
+        self.track("optimizer_b", self.make_optimizer(b.parameters(), lr=3e-3))
+        self.x = torch.randn(64, 3, generator=torch.Generator().manual_seed(1))
+        self.gen = torch.Generator().manual_seed(2)
+
+    def train_step(self) -> float:
+        idx = torch.randint(64, (self.train_config.batch_size,), generator=self.gen)
+        loss = (self.b(torch.tanh(self.a(self.x[idx]))) - 1).square().mean()
+        return self.optimize(loss, list(self.tracked_optimizers().values()))
+
+    def rank_state(self):
+        return {"gen": self.gen.get_state()}
+
+    def load_rank_state(self, state):
+        self.gen.set_state(state["gen"])
+
+
+def _same(a, b) -> bool:
+    """Two (nested) state dicts are equal to the bit."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return torch.equal(a, b) if torch.is_tensor(a) else a == b
+
+
+def test_core_checkpoints_named_modules_optimizers_and_ema_in_one_step_dir(tmp_path):
+    straight = TwoNets(tmp_path / "straight")
+    straight.train()
+    TwoNets(tmp_path / "part").train(3)
+    ckpt = tmp_path / "part" / "checkpoints" / "step-00000003"
+    assert {p.name for p in ckpt.iterdir()} == {"a.safetensors", "b.safetensors", "a_ema.safetensors",
+                                                "optimizer_a.safetensors", "optimizer_b.safetensors",
+                                                "rank-0.safetensors", "state.json"}
+    state = json.loads((ckpt / "state.json").read_text())
+    assert (state["format"], state["step"], state["world_size"]) == ("scorekit-trainer/1", 3, 1)
+    assert state["config"]["checkpoint_every"] == 3 and len(state["history"]) == 3
+    ema, _ = load_tensors(ckpt / "a_ema.safetensors")
+    assert not torch.equal(ema["weight"], load_tensors(ckpt / "a.safetensors")[0]["weight"])  # the EMA moved apart
+
+    resumed = TwoNets(tmp_path / "part")  # a fresh object: everything comes from the step directory
+    resumed.train()
+    assert resumed.step == 6 and resumed.history == straight.history
+    for name, module in straight.tracked_modules().items():
+        assert _same(module.state_dict(), resumed.tracked_modules()[name].state_dict()), name
+    for name, opt in straight.tracked_optimizers().items():
+        assert _same(opt.state_dict(), resumed.tracked_optimizers()[name].state_dict()), name
+    # each optimizer kept its own learning rate (warm-up done): config.lr for a, its own for b
+    lrs = {k: o.param_groups[0]["lr"] for k, o in resumed.tracked_optimizers().items()}
+    assert lrs == {"optimizer_a": 1e-2, "optimizer_b": 3e-3}
+    names = sorted(p.name for p in (tmp_path / "part" / "checkpoints").iterdir())
+    assert names == ["step-00000003", "step-00000006"]
 
 
 def test_ema_follows_its_recursion(tmp_path):

@@ -33,9 +33,10 @@ def config_overrides(args: argparse.Namespace, flags: dict[str, str]) -> list[st
     return overrides
 
 
-def load_run_config(args: argparse.Namespace):
-    """The run config named by ``args.config`` with the command-line overrides applied."""
+def load_run_config(args: argparse.Namespace, cls: type | None = None, **flags: str):
+    """The run config (``cls``, default :class:`~scorekit.config.RunConfig`) named by ``args.config`` with the
+    command-line overrides applied: those of :func:`add_config_args`, plus ``flags`` (attribute -> dotted key)."""
     from ..config import RunConfig, load_config
 
-    flags = {"out_dir": "out_dir", "mixed_precision": "training.mixed_precision", "seed": "training.seed"}
-    return load_config(args.config, RunConfig, config_overrides(args, flags))
+    flags = {"out_dir": "out_dir", "mixed_precision": "training.mixed_precision", "seed": "training.seed", **flags}
+    return load_config(args.config, cls or RunConfig, config_overrides(args, flags))

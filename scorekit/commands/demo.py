@@ -13,6 +13,8 @@ import argparse
 import time
 from pathlib import Path
 
+from . import config_overrides
+
 # The demo's run: an MLP score network (on 8x8 digits it learns as well as a small UNet at a fraction
 # of the CPU time), VP SDE, DSM with the reference's weighting.
 DEMO_CONFIG = {
@@ -24,6 +26,9 @@ DEMO_CONFIG = {
     "sampling": {"n": 256, "steps": 500, "predictor": "reverse_diffusion", "corrector": "langevin", "snr": 0.16},
     "out_dir": "outputs/demo",
 }
+
+TABLE_NOTE = ("FD-digits: Frechet distance in the feature space of a digits classifier (lower is better); "
+              "precision/recall: k-NN manifolds (k=3); Vendi: effective number of distinct samples.")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -39,16 +44,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _config(args):
-    from ..config import RunConfig, apply_overrides, from_dict, load_config
-    from . import config_overrides
-
-    flags = {"out_dir": "out_dir", "steps": "training.steps", "n": "sampling.n", "seed": "training.seed"}
-    overrides = config_overrides(args, flags)
-    if args.config:
-        return load_config(args.config, RunConfig, overrides)
     import copy
 
-    return from_dict(RunConfig, apply_overrides(copy.deepcopy(DEMO_CONFIG), overrides))
+    from ..config import RunConfig, load_config
+
+    flags = {"out_dir": "out_dir", "steps": "training.steps", "n": "sampling.n", "seed": "training.seed"}
+    return load_config(args.config or copy.deepcopy(DEMO_CONFIG), RunConfig, config_overrides(args, flags))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,15 +58,15 @@ def run(args: argparse.Namespace) -> int:
     from samplers import count_nfe, ode_sample, pc_sample
 
     from ..checkpoint import save_json
+    from ..config import build_trainer
     from ..data import load_digits
-    from ..metrics import digits_metrics
-    from ..viz import plot_loss, save_image_grid
-    from .train import make_trainer
+    from ..fd_digits import digits_metrics
+    from ..viz import metrics_table, plot_loss, save_image_grid, save_image_panels
 
     cfg = _config(args)
     out = Path(cfg.out_dir)
     print(f"[1/3] training a {cfg.sde.name.upper()} score model ({cfg.model.net}) on digits for {cfg.training.steps} steps")
-    trainer = make_trainer(cfg)
+    trainer = build_trainer(cfg)
     t0 = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - t0
@@ -103,45 +104,12 @@ def run(args: argparse.Namespace) -> int:
         panels[f"{title}\nFD-digits {rows[name]['fd_digits']:.2f}"] = x[:100]
         print(f"      {name}: {seconds:.1f}s, FD-digits {rows[name]['fd_digits']:.2f}")
     save_image_grid(reference[:100], out / "data.png", nrow=10)
-    _overview(panels, out / "samples.png")
+    save_image_panels(panels, out / "samples.png")
 
     print("[3/3] metrics against held-out digits")
-    table = _table(rows, train_s, cfg.training.steps)
+    table = metrics_table(rows, f"Trained {cfg.training.steps} steps in {train_s:.0f}s. {TABLE_NOTE}")
     (out / "metrics.md").write_text(table + "\n")
     save_json({"train_seconds": train_s, "samplers": rows}, out / "metrics.json")
     print(table)
     print(f"\nwrote {', '.join(sorted(p.name for p in out.iterdir() if p.is_file()))} to {out}/")
     return 0
-
-
-def _table(rows: dict, train_s: float, steps: int) -> str:
-    keys = next(iter(rows.values())).keys()
-    metric_keys = [k for k in keys if k not in ("nfe", "seconds", "vendi_reference")]
-    head = "| samples | " + " | ".join(metric_keys) + " | NFE per sample | seconds |"
-    lines = [f"Trained {steps} steps in {train_s:.0f}s. FD-digits: Frechet distance in the feature space of a digits "
-             "classifier (lower is better); precision/recall: k-NN manifolds (k=3); Vendi: effective number of "
-             "distinct samples.", "", head, "|" + "---|" * (len(metric_keys) + 3)]
-    for name, r in rows.items():
-        vals = " | ".join(f"{r[k]:.3f}" for k in metric_keys)
-        lines.append(f"| {name} | {vals} | {r['nfe']:.0f} | {r['seconds']:.1f} |")
-    return "\n".join(lines)
-
-
-def _overview(grids: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..checkpoint import atomic_path
-    from ..viz import image_grid
-
-    fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.4))
-    for ax, (name, x) in zip(axes, grids.items()):
-        ax.imshow(image_grid(x, nrow=10), cmap="gray", vmin=0, vmax=255)
-        ax.set_title(name, fontsize=10)
-        ax.axis("off")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)

@@ -2,7 +2,9 @@
 
 The teacher is a run of ``scorekit train`` (its EMA weights by default). The generator and the fake
 score start as copies of the teacher; the discriminator is a head on the teacher's features, trained
-against the ``data:`` section's samples. Outputs in ``out_dir``: ``checkpoints/`` (resumable),
+against the ``data:`` section's samples. The ``distill:`` section is :class:`scorekit.distill.DistillConfig`;
+its ``training:`` subsection (steps, batch size, learning rate, EMA, checkpoints) keeps f-distill's defaults
+for the keys it does not give. Outputs in ``out_dir``: ``checkpoints/`` (resumable),
 ``generator.safetensors`` (the EMA generator; :func:`scorekit.distill.load_generator` rebuilds it
 without further arguments) and ``samples.png``.
 """
@@ -10,26 +12,21 @@ without further arguments) and ``samples.png``.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import DataConfig
-from ..distill import DIVERGENCES, DistillConfig
-from . import add_config_args, config_overrides
+from . import add_config_args, load_run_config
 
-__all__ = ["DistillRunConfig", "add_parser", "run", "load_distill_config"]
+__all__ = ["add_parser", "run", "load_distill_config"]  # and DistillRunConfig, on first use
 
 
-@dataclass
-class DistillRunConfig:
-    """A distillation run (``configs/distill_*.yaml``)."""
+def __getattr__(name: str):
+    # The run config lives with the method (scorekit.distill); importing it here at start-up would load
+    # torch-heavy modules for every `scorekit` command.
+    if name == "DistillRunConfig":
+        from ..distill import DistillRunConfig
 
-    teacher: str | None = None
-    teacher_ema: bool = True
-    data: DataConfig = field(default_factory=DataConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    n_samples: int = 64
-    out_dir: str = "outputs/distill"
+        return DistillRunConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -37,19 +34,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p, default_config="configs/distill_digits.yaml")
     p.add_argument("--teacher", default=None, help="run directory of `scorekit train` (overrides teacher)")
-    p.add_argument("--divergence", default=None, help=f"overrides distill.divergence: one of {sorted(DIVERGENCES)} or alpha")
+    p.add_argument("--divergence", default=None,
+                   help="overrides distill.divergence: a name of scorekit.distill.DIVERGENCES (reverse_kl, js, "
+                        "forward_kl, ...) or alpha")
     return p
 
 
-def load_distill_config(args: argparse.Namespace) -> DistillRunConfig:
-    from ..config import load_config
+def load_distill_config(args: argparse.Namespace):
+    """The :class:`~scorekit.distill.DistillRunConfig` of ``args`` (config file, flags, overrides)."""
+    from ..distill import DistillRunConfig
 
-    flags = {"out_dir": "out_dir", "mixed_precision": "distill.mixed_precision", "seed": "distill.seed",
-             "teacher": "teacher", "divergence": "distill.divergence"}
-    return load_config(args.config, DistillRunConfig, config_overrides(args, flags))
+    return load_run_config(args, DistillRunConfig, mixed_precision="distill.training.mixed_precision",
+                           seed="distill.training.seed", teacher="teacher", divergence="distill.divergence")
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from ..config import build_data, load_score_model, to_dict
     from ..distill import FDistill
     from ..viz import save_image_grid
@@ -65,9 +66,7 @@ def run(args: argparse.Namespace) -> int:
     if fd.is_main:
         out = Path(cfg.out_dir)
         path = fd.save(out / "generator.safetensors")
-        import torch
-
-        samples = fd.sample(cfg.n_samples, torch.Generator(fd.accelerator.device).manual_seed(cfg.distill.seed))
+        samples = fd.sample(cfg.n_samples, torch.Generator(fd.accelerator.device).manual_seed(cfg.distill.training.seed))
         shown = [f"generator {path}"]
         if samples.ndim == 4:
             shown.append(f"samples {save_image_grid(samples, out / 'samples.png')}")

@@ -12,229 +12,20 @@ EMA, atomic checkpoints that resume):
 
 Outputs in ``out_dir``: the trainer's ``checkpoints/``, ``merged/`` (a plain checkpoint with the EMA
 weights merged, readable by ``scorekit sample`` and :func:`scorekit.config.load_score_model`) and, for
-the adapters, ``adapter.safetensors`` (SaRA: :func:`scorekit.sara.load_sara` reads it).
+the adapters, ``adapter.safetensors`` (SaRA: :func:`scorekit.sara.load_sara` reads it). The library side
+is :mod:`scorekit.finetune`.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
-import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 
-import torch
-from torch import Tensor, nn
+from . import add_config_args, load_run_config
 
-from ..checkpoint import load_tensors, save_json, save_tensors
-from ..config import DataConfig, LossConfig, build_data, load_config, load_score_model, to_dict
-from ..losses import make_dsm_loss
-from ..sara import (
-    SaRAConfig,
-    SaRALayer,
-    _find_targets,
-    apply_sara,
-    merge_sara,
-    rank_penalty,
-    reselect,
-    save_sara,
-)
-from ..training import FORMAT, TrainConfig, Trainer, latest_checkpoint
-from . import add_config_args, config_overrides
-
-__all__ = [
-    "METHODS",
-    "LoRASection",
-    "FinetuneConfig",
-    "add_parser",
-    "run",
-    "prepare_model",
-    "lora_rank_for_budget",
-    "make_finetune_trainer",
-    "merged_copy",
-    "trainable_count",
-    "write_outputs",
-]
-
+# scorekit.finetune.METHODS (FinetuneConfig checks the method too)
 METHODS = ("sara", "lora", "full")
 
 
-@dataclass
-class LoRASection:
-    """``lora:`` section. ``r: null`` matches SaRA's trainable-parameter count; ``alpha: null`` means ``alpha = r``
-    (scale 1); ``target_modules: null`` means the modules SaRA adapts."""
-
-    r: int | None = None
-    alpha: float | None = None
-    dropout: float = 0.0
-    target_modules: str | list[str] | None = None
-
-
-@dataclass
-class FinetuneConfig:
-    """A fine-tuning run (``configs/finetune_*.yaml``)."""
-
-    method: str = "sara"
-    base: str | None = None
-    base_ema: bool = True
-    data: DataConfig = field(default_factory=DataConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    training: TrainConfig = field(default_factory=TrainConfig)
-    sara: SaRAConfig = field(default_factory=lambda: SaRAConfig(fraction=0.1))
-    lora: LoRASection = field(default_factory=LoRASection)
-    out_dir: str = "outputs/finetune"
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; valid choices are {list(METHODS)}")
-
-
-# -- models ---------------------------------------------------------------------------------------------
-def trainable_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def _lora_count(weight: Tensor, r: int) -> int:
-    # peft: Linear -> A (r x in), B (out x r); ConvNd -> A conv(in -> r, same kernel), B 1x1 conv(r -> out).
-    out_features, fan_in = weight.shape[0], weight[0].numel()
-    return min(r, _lora_cap(weight)) * (fan_in + out_features)
-
-
-def _lora_cap(weight: Tensor) -> int:
-    """The largest useful LoRA rank of a weight: its smaller side (a 1-channel output conv takes rank 1)."""
-    return min(weight.shape[0], weight[0].numel())
-
-
-def lora_rank_for_budget(model: nn.Module, modules: list[str], budget: int) -> int:
-    """The LoRA rank whose trainable-parameter count on ``modules`` is the closest to ``budget``, each module's
-    rank being capped at its weight's smaller side (see :func:`_inject_lora`)."""
-    weights = [model.get_submodule(n).weight for n in modules]
-    ranks = range(1, max(_lora_cap(w) for w in weights) + 1)
-    return min(ranks, key=lambda r: abs(sum(_lora_count(w, r) for w in weights) - budget))
-
-
-def _inject_lora(model: nn.Module, modules: list[str], r: int, alpha: float, dropout: float) -> nn.Module:
-    try:
-        from peft import LoraConfig, inject_adapter_in_model
-    except ImportError as err:
-        raise ImportError("method 'lora' trains through the peft package, which is not installed: "
-                          "pip install peft (or scorekit[bench])") from err
-
-    # An anchored alternation of the full names: peft reads a string as a regex over full module names.
-    pattern = "|".join(f"(?:{n.replace('.', '[.]')})" for n in modules)
-    # Modules narrower than r (the 1-channel input/output convs of an image UNet) get their own smaller rank,
-    # with alpha scaled alike so that every module keeps the scale alpha / r; one global rank capped at the
-    # narrowest module would leave the others far below the budget.
-    caps = {n: _lora_cap(model.get_submodule(n).weight) for n in modules}
-    small = {re.escape(n): c for n, c in caps.items() if c < r}
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern, rank_pattern=small,
-                        alpha_pattern={k: alpha * c / r for k, c in small.items()})
-    return inject_adapter_in_model(config, model)
-
-
-def prepare_model(base: nn.Module, cfg: FinetuneConfig) -> tuple[nn.Module, dict]:
-    """``base`` made ready for ``cfg.method`` (in place), and a summary (method, trainable count, LoRA rank)."""
-    if cfg.method == "full":
-        model = base.requires_grad_(True)
-        return model, {"method": "full", "trainable": trainable_count(model)}
-    probe = apply_sara(copy.deepcopy(base), cfg.sara)
-    sara_modules = [n for n, m in probe.named_modules() if isinstance(m, SaRALayer)]
-    if cfg.method == "sara":
-        model = apply_sara(base, cfg.sara)
-        return model, {"method": "sara", "trainable": trainable_count(model), "modules": len(sara_modules)}
-    budget = trainable_count(probe)
-    del probe
-    modules = sara_modules if cfg.lora.target_modules is None else _find_targets(base, cfg.lora.target_modules)
-    r = cfg.lora.r or lora_rank_for_budget(base, modules, budget)
-    model = _inject_lora(base, modules, r, cfg.lora.alpha or r, cfg.lora.dropout)
-    return model, {"method": "lora", "trainable": trainable_count(model), "rank": r, "sara_budget": budget}
-
-
-def merged_copy(model: nn.Module) -> nn.Module:
-    """A plain copy of a fine-tuned model: SaRA or LoRA merged into the weights, original module types."""
-    model = copy.deepcopy(model)
-    if any(isinstance(m, SaRALayer) for m in model.modules()):
-        return merge_sara(model)
-    from peft.tuners.lora import LoraLayer
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoraLayer):
-            module.merge()
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, module.get_base_layer())
-    return model
-
-
-# -- training -------------------------------------------------------------------------------------------
-def _sara_loss(dsm: Callable) -> Callable:
-    def loss_fn(model, batch, generator=None):
-        # The nuclear-norm term is added at every step (the authors apply it in every optimizer step).
-        return dsm(model, batch, generator) + rank_penalty(model, generator)
-
-    return loss_fn
-
-
-def _progressive(step: int) -> Callable[[Trainer], None]:
-    def callback(trainer: Trainer) -> None:
-        if trainer.step == step:
-            reselect(trainer.unwrapped)
-            # The authors restart the optimizer here; the EMA copy restarts from the current weights.
-            trainer.rebuild_optimizer()
-
-    return callback
-
-
-def make_finetune_trainer(cfg: FinetuneConfig, base: nn.Module, data: Tensor, meta: dict | None = None
-                          ) -> tuple[Trainer, dict]:
-    """The :class:`Trainer` of a fine-tuning run on ``data`` from the score model ``base`` (changed in place).
-
-    With ``out_dir`` holding checkpoints written after the progressive step, the SaRA selection is
-    restored from the newest one before the Trainer is built, so that resuming works.
-    """
-    sde = base.sde
-    torch.manual_seed(cfg.training.seed)
-    model, summary = prepare_model(base, cfg)
-    dsm = make_dsm_loss(sde, reduce=cfg.loss.reduce, likelihood_weighting=cfg.loss.likelihood_weighting, eps=cfg.loss.eps)
-    loss_fn, callbacks = dsm, []
-    if cfg.method == "sara":
-        loss_fn = _sara_loss(dsm)
-        if cfg.sara.progressive_step is not None:
-            callbacks.append(_progressive(cfg.sara.progressive_step))
-            ckpt = latest_checkpoint(cfg.out_dir) if cfg.training.resume else None
-            if ckpt is not None:
-                weights, _ = load_tensors(ckpt / "model.safetensors")
-                model.load_state_dict(weights)  # SaRALayer resizes to the checkpoint's selection
-    trainer = Trainer(model, loss_fn, data, cfg.training, out_dir=cfg.out_dir, callbacks=callbacks,
-                      meta={"finetune_config": to_dict(cfg), **(meta or {})})
-    return trainer, summary
-
-
-def write_outputs(trainer: Trainer, cfg: FinetuneConfig, base_meta: dict) -> dict[str, Path]:
-    """``merged/`` (plain checkpoint for ``scorekit sample``) and the adapter file."""
-    out = Path(cfg.out_dir)
-    paths = {}
-    merged_model, merged_ema = merged_copy(trainer.unwrapped), merged_copy(trainer.ema)
-    root = out / "merged"
-    save_tensors(merged_model.state_dict(), root / "model.safetensors")
-    save_tensors(merged_ema.state_dict(), root / "ema.safetensors")
-    save_json({"format": FORMAT, "step": trainer.step, "world_size": 1, "history": trainer.history,
-               "config": dataclasses.asdict(cfg.training), "meta": base_meta}, root / "state.json")
-    paths["merged"] = root
-    if cfg.method == "sara":
-        save_sara(trainer.ema, out / "adapter.safetensors")
-        paths["adapter"] = out / "adapter.safetensors"
-    elif cfg.method == "lora":
-        from peft import get_peft_model_state_dict
-
-        save_tensors(get_peft_model_state_dict(trainer.ema), out / "adapter.safetensors",
-                     {"format": "peft-lora", "lora": to_dict(cfg.lora)})
-        paths["adapter"] = out / "adapter.safetensors"
-    return paths
-
-
-# -- CLI ------------------------------------------------------------------------------------------------
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("finetune", help="fine-tune a trained score model (SaRA, LoRA or full)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -244,14 +35,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def load_finetune_config(args: argparse.Namespace) -> FinetuneConfig:
-    flags = {"out_dir": "out_dir", "mixed_precision": "training.mixed_precision", "seed": "training.seed",
-             "base": "base", "method": "method"}
-    return load_config(args.config, FinetuneConfig, config_overrides(args, flags))
-
-
 def run(args: argparse.Namespace) -> int:
-    cfg = load_finetune_config(args)
+    from ..config import build_data, load_score_model, to_dict
+    from ..finetune import FinetuneConfig, make_finetune_trainer, write_outputs
+
+    cfg = load_run_config(args, FinetuneConfig, base="base", method="method")
     if cfg.base is None:
         raise ValueError("no base model: pass --base RUN_DIR (a `scorekit train` output) or set base: in the config")
     base, run_cfg = load_score_model(cfg.base, ema=cfg.base_ema)

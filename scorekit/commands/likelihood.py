@@ -34,16 +34,16 @@ def run(args: argparse.Namespace) -> int:
     from samplers import likelihood
 
     from ..config import build_data, load_score_model
+    from ..validate import positive_int
 
+    n, batch_size = positive_int(args.n, "--n", "number of data points"), positive_int(args.batch_size, "--batch_size")
     model, cfg = load_score_model(args.checkpoint, ema=not args.raw_weights)
     x, _ = build_data(dataclasses.replace(cfg.data, split=args.split))
-    if args.n < 1:
-        raise ValueError(f"--n must be >= 1, got {args.n}")
-    x = x[: args.n]
+    x = x[:n]
     g = torch.Generator().manual_seed(args.seed)
     logps, nfe, t0 = [], 0, time.perf_counter()
-    for start in range(0, len(x), args.batch_size):
-        res = likelihood(model, model.sde, x[start : start + args.batch_size], estimator=args.estimator,
+    for start in range(0, len(x), batch_size):
+        res = likelihood(model, model.sde, x[start : start + batch_size], estimator=args.estimator,
                          rtol=args.rtol, atol=args.atol, generator=g)
         logps.append(res.logp)
         nfe += res.nfe

@@ -11,7 +11,9 @@ import argparse
 import time
 from pathlib import Path
 
+# the names scorekit.sampling's SAMPLERS and GUIDANCE registries take (checked there too)
 SAMPLERS = ("pc", "ode", "dpm_solver_2m")
+GUIDANCE = ("classifier", "minority", "self_minority", "svdd")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -48,124 +50,49 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _same_sde(guidance, model):
-    if guidance.sde is not None and guidance.sde != model.sde:
-        raise ValueError(f"the classifier was trained on {guidance.sde!r} but the model uses {model.sde!r}; "
-                         "train the classifier on the model's SDE")
-    return guidance
-
-
-def _classifier(args, model, device):
-    from guidance import ClassifierGuidance
-
-    if args.classifier is None or args.target is None:
-        raise ValueError("--guidance classifier needs --classifier PATH and --target CLASS")
-    return _same_sde(ClassifierGuidance.load(args.classifier, target=args.target, scale=args.scale, device=device),
-                     model)
-
-
-def _minority(args, model, device):
-    from guidance import MinorityGuidance
-
-    if args.classifier is None or args.target_level is None:
-        raise ValueError("--guidance minority needs --classifier PATH (a minority classifier) and --target-level L")
-    return _same_sde(MinorityGuidance.load(args.classifier, target_level=args.target_level, scale=args.scale,
-                                           device=device), model)
-
-
-def _self_minority(args, model, device):
-    import torch
-
-    from guidance import SelfMinorityGuidance
-
-    generator = None if args.seed is None else torch.Generator(device).manual_seed(args.seed + 1)
-    return SelfMinorityGuidance(model, model.sde, scale=args.scale, generator=generator)
-
-
-def _svdd(args, model, device):
-    from guidance import SVDD, load_reward
-
-    if args.reward is None:
-        raise ValueError("--guidance svdd needs --reward SPEC: a built-in (compressibility, ink), module:function "
-                         "or file.py:function, a reward of the clean sample returning shape (batch,)")
-    return SVDD(load_reward(args.reward), num_candidates=args.candidates, alpha=args.alpha, seed=args.seed)
-
-
-# Plug-ins a user picks by name on the command line.
-GUIDANCE = {"classifier": _classifier, "minority": _minority, "self_minority": _self_minority, "svdd": _svdd}
-
-
-def load_model(path: str, ema: bool = True, device: str = "cpu"):
-    """``(score_model, sampling_config)`` from a scorekit run directory or a diffusers pipeline directory."""
-    from ..config import SampleConfig, load_score_model
-
-    if (Path(path) / "model_index.json").is_file():
-        from ..pretrained import from_diffusers
-
-        model = from_diffusers(path).to(device).eval().requires_grad_(False)
-        return model, SampleConfig(eps=1e-5 if model.sde.name == "ve" else 1e-3)
-    model, run = load_score_model(path, ema=ema, device=device)
-    return model, run.sampling
+def _none(value):
+    return None if value is None or str(value).lower() == "none" else value
 
 
 def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
     import torch
 
-    from samplers import count_nfe, ode_sample, pc_sample
+    from samplers import count_nfe
+
+    from ..sampling import (
+        GuidanceOptions,
+        build_guidance,
+        draw_samples,
+        load_model,
+        sampler_steps,
+        save_samples,
+    )
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, cfg = load_model(args.checkpoint, ema=not args.raw_weights, device=device)
-    sampler = args.sampler or cfg.sampler
-    n = args.n if args.n is not None else cfg.n
-    batch = args.batch_size or cfg.batch_size
-    seed = args.seed if args.seed is not None else cfg.seed
-    if n < 1 or batch < 1:
-        raise ValueError(f"--n and --batch_size must be >= 1, got {n} and {batch}")
-    none = lambda v: None if v is None or str(v).lower() == "none" else v  # noqa: E731
-    predictor = none(args.predictor) if args.predictor is not None else cfg.predictor
-    corrector = none(args.corrector) if args.corrector is not None else cfg.corrector
-    eps = args.eps if args.eps is not None else cfg.eps
-    # the config's steps are PC steps; the ODE solvers take theirs from the flag (DPM-Solver: 20 NFE by default)
-    steps = args.steps if args.steps is not None else {"pc": cfg.steps, "dpm_solver_2m": 20}.get(sampler)
-    guidance = [GUIDANCE[name](args, model, device) for name in args.guidance]
+    flags = {"sampler": args.sampler, "n": args.n, "batch_size": args.batch_size or None, "seed": args.seed,
+             "snr": args.snr, "eps": args.eps, "method": args.method}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
+    if args.predictor is not None:
+        cfg.predictor = _none(args.predictor)
+    if args.corrector is not None:
+        cfg.corrector = _none(args.corrector)
+    options = GuidanceOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GuidanceOptions)})
+    guidance = build_guidance(args.guidance, model, options, device)
 
+    steps = sampler_steps(cfg, args.steps)
     score = count_nfe(model)
-    generator = torch.Generator(device).manual_seed(seed)
-    shape = tuple(model.data_shape)
-    out, t0 = [], time.perf_counter()
-    for start in range(0, n, batch):
-        b = min(batch, n - start)
-        if sampler == "pc":
-            x = pc_sample(score, model.sde, (b, *shape), predictor=predictor, corrector=corrector,
-                          snr=args.snr if args.snr is not None else cfg.snr, n_corrector_steps=cfg.n_corrector_steps,
-                          steps=steps, eps=eps, guidance=guidance, generator=generator, progress=args.progress,
-                          device=device)
-        else:
-            method = "dpm_solver_2m" if sampler == "dpm_solver_2m" else (args.method or cfg.method)
-            x = ode_sample(score, model.sde, (b, *shape), method=method, steps=steps, eps=eps, rtol=cfg.rtol,
-                           atol=cfg.atol, guidance=guidance, generator=generator, device=device)
-        out.append(x.cpu())
-    samples = torch.cat(out)
+    t0 = time.perf_counter()
+    samples = draw_samples(score, model.sde, tuple(model.data_shape), cfg, steps=steps, guidance=guidance,
+                           generator=torch.Generator(device).manual_seed(cfg.seed), device=device,
+                           progress=args.progress)
     seconds = time.perf_counter() - t0
-    path = Path(args.out) if args.out else Path(args.checkpoint) / "samples" / f"{sampler}.png"
-    written = save_samples(samples, path, meta={"sampler": sampler, "steps": steps, "seed": seed, "nfe": score.nfe,
-                                                "guidance": args.guidance, "checkpoint": str(args.checkpoint)})
-    print(f"{n} samples with {sampler} in {seconds:.1f}s ({score.samples / n:.0f} score evaluations per sample); "
-          f"wrote {', '.join(map(str, written))}")
+    path = Path(args.out) if args.out else Path(args.checkpoint) / "samples" / f"{cfg.sampler}.png"
+    written = save_samples(samples, path, meta={"sampler": cfg.sampler, "steps": steps, "seed": cfg.seed,
+                                                "nfe": score.nfe, "guidance": args.guidance,
+                                                "checkpoint": str(args.checkpoint)})
+    print(f"{cfg.n} samples with {cfg.sampler} in {seconds:.1f}s ({score.samples / cfg.n:.0f} score evaluations "
+          f"per sample); wrote {', '.join(map(str, written))}")
     return 0
-
-
-def save_samples(samples, path: Path, meta: dict) -> list[Path]:
-    """Write ``samples`` as a picture (image grid, or a scatter plot for 2-D points) and a safetensors file."""
-    from ..checkpoint import save_tensors
-    from ..viz import plot_scatter, save_image_grid
-
-    path = Path(path)
-    written = []
-    if samples.ndim == 4:
-        written.append(save_image_grid(samples, path))
-    elif samples.ndim == 2 and samples.shape[1] == 2:
-        written.append(plot_scatter({meta.get("sampler", "samples"): samples}, path))
-    tensor_path = path.with_suffix(".safetensors")
-    save_tensors({"samples": samples}, tensor_path, meta)
-    return [*written, tensor_path]

@@ -14,6 +14,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from torch import Tensor, nn
 
 from ..sde import batch_time
+from ..validate import positive_int
 from .mlp import MLP, sinusoidal_embedding
 
 __all__ = ["MLPClassifier", "ConvClassifier", "make_classifier", "classifier_from_config", "CLASSIFIERS"]
@@ -139,8 +140,7 @@ def classifier_from_config(config: dict) -> nn.Module:
 
 
 def _check_out_dim(out_dim: int) -> None:
-    if isinstance(out_dim, bool) or int(out_dim) != out_dim or out_dim < 1:
-        raise ValueError(f"out_dim (number of logits) must be a positive integer, got {out_dim!r}")
+    positive_int(out_dim, "out_dim (number of logits)")
 
 
 def _check_input(x: Tensor, data_shape: tuple[int, ...]) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from diffusers import UNet2DModel
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # diffusers takes seconds to import; only make_unet needs it
+    from diffusers import UNet2DModel
 
 __all__ = ["make_unet"]
 
@@ -24,6 +27,8 @@ def make_unet(
     ``log sigma`` and divides its output by ``sigma`` (``ScoreModel(prediction="score",
     time_input="sigma")``). ``attention`` adds self-attention in the lowest-resolution blocks.
     """
+    from diffusers import UNet2DModel
+
     if time_embedding not in ("positional", "fourier"):
         raise ValueError(f"time_embedding must be 'positional' (VP, sub-VP) or 'fourier' (VE), got {time_embedding!r}")
     n = len(block_out_channels)
