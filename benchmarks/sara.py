@@ -40,6 +40,7 @@ import statistics
 import tempfile
 import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -75,6 +76,10 @@ class LiveTensorPeak(TorchDispatchMode):
 
     def _add(self, t) -> None:
         if not isinstance(t, Tensor):
+            return
+        if t.layout == torch.sparse_coo:  # peft's SHiRA builds one: count its index and value storages
+            self._add(t._indices())
+            self._add(t._values())
             return
         storage = t.untyped_storage()
         key = storage.data_ptr()
@@ -139,11 +144,13 @@ def _adamw_step(model: nn.Module, opt: torch.optim.Optimizer, dsm, batch: Tensor
     opt.zero_grad(set_to_none=True)
 
 
-def training_step(args, base: nn.Module, x: Tensor, method: str, unstructured_backprop: bool = True):
-    """A fresh copy of ``base`` prepared for ``method`` and a closure running one AdamW step on one batch."""
+def training_step(args, base: nn.Module, x: Tensor, method: str, unstructured_backprop: bool = True,
+                  prepare: Callable[[nn.Module], nn.Module] | None = None):
+    """A fresh copy of ``base`` prepared for ``method`` (or by ``prepare``) and a closure running one AdamW step
+    on one batch (with SaRA's rank penalty for ``method == "sara"``)."""
     cfg = finetune_config(args, method, "", unstructured_backprop)
     seed_all(0)
-    model, _ = prepare_model(copy.deepcopy(base), cfg)
+    model = prepare(copy.deepcopy(base)) if prepare is not None else prepare_model(copy.deepcopy(base), cfg)[0]
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.training.lr)
     batch = x[:128].clone()
@@ -159,9 +166,10 @@ def state_bytes(model: nn.Module) -> int:
     return stored + 3 * trainable
 
 
-def peak_memory(args, base: nn.Module, x: Tensor, method: str, unstructured_backprop: bool = True) -> dict:
+def peak_memory(args, base: nn.Module, x: Tensor, method: str, unstructured_backprop: bool = True,
+                prepare: Callable[[nn.Module], nn.Module] | None = None) -> dict:
     """Peak live-tensor memory over three AdamW steps, and the analytic :func:`state_bytes`, in MiB."""
-    model, batch, step = training_step(args, base, x, method, unstructured_backprop)
+    model, batch, step = training_step(args, base, x, method, unstructured_backprop, prepare)
     if x.is_cuda:
         torch.cuda.reset_peak_memory_stats()
         for _ in range(3):
@@ -175,8 +183,8 @@ def peak_memory(args, base: nn.Module, x: Tensor, method: str, unstructured_back
     return {"peak_mib": peak / 2**20, "state_mib": state_bytes(model) / 2**20}
 
 
-def step_times(args, base: nn.Module, x: Tensor, variants: dict[str, tuple[str, bool]]) -> dict[str, float]:
-    """Median AdamW step time (ms) of each ``name: (method, unstructured_backprop)``, timed in turn."""
+def step_times(args, base: nn.Module, x: Tensor, variants: dict[str, tuple]) -> dict[str, float]:
+    """Median AdamW step time (ms) of each ``name: (method, unstructured_backprop[, prepare])``, timed in turn."""
     steps = {name: training_step(args, base, x, *v)[2] for name, v in variants.items()}
     times: dict[str, list[float]] = {name: [] for name in variants}
     for i in range(3 + args.time_steps):
@@ -272,8 +280,9 @@ def figure(evals: dict[str, dict], old: Tensor, path: Path, k: int = 12) -> None
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser(description: str) -> argparse.ArgumentParser:
+    """The options every SaRA benchmark shares (this one's and ``benchmarks.sara_peers``')."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
     p.add_argument("--net", choices=("mlp", "unet"), default="mlp", help="the pre-trained score network")
     p.add_argument("--unet_channels", type=int, nargs="+", default=[16, 32, 32], help="--net unet: block_out_channels")
@@ -303,6 +312,11 @@ def main(argv=None) -> int:
     p.add_argument("--progress", action="store_true")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (small models gain nothing from more; oversubscription costs a lot)")
+    return p
+
+
+def parse(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse, check ``--lr_for``, set the threads and apply ``--quick``."""
     args = p.parse_args(argv)
     try:
         args.lr_for = {m: float(v) for m, v in (item.split("=") for item in args.lr_for)}
@@ -315,6 +329,11 @@ def main(argv=None) -> int:
         args.pretrain_steps, args.steps, args.n_samples, args.sample_steps, args.time_steps = 200, 40, 200, 50, 5
         args.out = args.cache / "quick"
     seed_all(0)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse(build_parser(__doc__.splitlines()[0]), argv)
 
     base_dir = pretrain(args)
     base, _ = load_score_model(base_dir)

@@ -4,7 +4,7 @@ A small VP score model learns digits 0-4; SaRA then makes the smallest 10% of ev
 and fine-tunes only those entries on digits 5-9, with the nuclear-norm penalty in the loss and one
 progressive re-selection halfway. The adapter file holds just the sparse values and their indices;
 loaded into a fresh copy of the base model it reproduces the fine-tuned model exactly, and
-``disable_sara`` brings the base model back without unloading anything.
+``with disable_sara(model):`` brings the base model back for a block without unloading anything.
 
     python examples/finetune_sara.py                    # ~8 min on one CPU thread
     python examples/finetune_sara.py --steps 3000 --out sara_digits.png
@@ -28,9 +28,9 @@ from scorekit.sara import (
     SaRAConfig,
     apply_sara,
     disable_sara,
-    enable_sara,
     load_sara,
     merge_sara,
+    print_trainable_parameters,
     rank_penalty,
     reselect,
     save_sara,
@@ -61,8 +61,7 @@ def main() -> None:
     # 2. SaRA: the smallest-|w| entries of every Linear weight become the only trainable parameters
     config = SaRAConfig(fraction=args.fraction, rank_lambda=5e-4, progressive_step=args.steps // 2)
     model = apply_sara(copy.deepcopy(base), config)
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"SaRA trains {n_train:,} of {sum(p.numel() for p in base.parameters()):,} parameters")
+    print_trainable_parameters(model)  # peft's line: trainable params: N || all params: M || trainable%: P
 
     def loss_fn(model, batch, generator):
         return dsm(model, batch, generator) + rank_penalty(model, generator)  # low-rank constraint
@@ -76,10 +75,10 @@ def main() -> None:
     trainer.train()
     model = trainer.ema
 
-    # 3. the adapter alone: save, then load into a fresh base model
-    path = Path(args.out).with_suffix(".safetensors")
+    # 3. the adapter alone (a peft-style directory): save, then load into a fresh base model
+    path = Path(args.out).with_suffix("")
     save_sara(model, path)
-    print(f"adapter: {path} ({path.stat().st_size / 1024:.0f} KiB)")
+    print(f"adapter: {path}/ ({(path / 'adapter_model.safetensors').stat().st_size / 1024:.0f} KiB of sparse values)")
     reloaded = load_sara(copy.deepcopy(base), path)
     x, t = x_new[:8], torch.full((8,), 0.3)
     assert torch.equal(reloaded(x, t), model(x, t))
@@ -88,8 +87,8 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     # Pixels beyond [-1, 1] are the sampler's overshoot; the digits (and FD-digits) live in [-1, 1].
     new = pc_sample(reloaded, sde, (256, 1, 8, 8), steps=500, generator=g).clamp(-1, 1)
-    old = pc_sample(disable_sara(reloaded), sde, (256, 1, 8, 8), steps=500, generator=g).clamp(-1, 1)
-    enable_sara(reloaded)
+    with disable_sara(reloaded):  # the base model again; re-enabled on leaving the block
+        old = pc_sample(reloaded, sde, (256, 1, 8, 8), steps=500, generator=g).clamp(-1, 1)
     plain = merge_sara(reloaded)  # an ordinary ScoreModel with nn.Linear layers again
     ref_new, _ = load_digits("test", classes=[5, 6, 7, 8, 9])
     ref_old, _ = load_digits("test", classes=[0, 1, 2, 3, 4])

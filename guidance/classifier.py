@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samplers.hooks import Guidance, ScoreFn
-from scorekit.checkpoint import load_tensors, save_tensors
+from scorekit.checkpoint import load_tensors, meta_field, save_tensors
 from scorekit.nets.classifier import classifier_from_config
 from scorekit.sde import SDE, batch_time, bcast, make_sde
-from scorekit.training import TrainConfig, Trainer
+from scorekit.training import TrainConfig, Trainer, load_state_checked
 from scorekit.validate import guidance_scale
 
 __all__ = [
@@ -144,7 +145,7 @@ class ClassifierGuidance(Guidance):
         """Guidance by a classifier saved with :func:`save_classifier` (or trained by ``train_noisy_classifier``)."""
         classifier, meta = load_classifier(path, device=device)
         guidance = cls(classifier, target, scale)
-        guidance.sde = make_sde(**meta["sde"])
+        guidance.sde = make_sde(**meta_field(meta, "sde", path))
         return guidance
 
     def __repr__(self) -> str:
@@ -230,6 +231,11 @@ def load_classifier(path: str | os.PathLike, device: str | torch.device = "cpu",
                          f"expected {CLASSIFIER_FORMAT!r})")
     if kind is not None and meta.get("kind") != kind:
         raise ValueError(f"{path} holds a {meta.get('kind')!r} classifier, but a {kind!r} classifier is needed")
-    classifier = classifier_from_config(meta["architecture"])
-    classifier.load_state_dict(tensors)
+    architecture = meta_field(meta, "architecture", path)
+    try:
+        classifier = classifier_from_config(architecture)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: the metadata's 'architecture' is malformed ({e!r}); the file was edited or not "
+                         "written by save_classifier") from e
+    load_state_checked(classifier, tensors, Path(path))
     return classifier.to(device).eval().requires_grad_(False), meta

@@ -20,7 +20,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from samplers.generators import StackedGenerator, randn
 from samplers.hooks import Guidance, ScoreFn
+from scorekit.checkpoint import meta_field
 from scorekit.score import tweedie_denoise
 from scorekit.sde import SDE, batch_time, bcast, make_sde
 from scorekit.training import TrainConfig
@@ -29,7 +31,6 @@ from scorekit.validate import guidance_scale, int_at_least, positive_int
 from .classifier import (
     ClassifierGuidance,
     load_classifier,
-    perturb,
     save_classifier,
     train_noisy_classifier,
 )
@@ -88,6 +89,13 @@ def perturbation_time(sde: SDE, *, t: float | None = None, alpha_bar: float | No
     return float(t)
 
 
+def _perturb(sde: SDE, x0: Tensor, t: Tensor, generator) -> Tensor:
+    """A draw ``x_t = alpha(t) x0 + sigma(t) z`` of ``q(x_t | x0)``, ``z`` from ``generator`` (per sample for a
+    :class:`~samplers.StackedGenerator`, under its tiling rule)."""
+    mean, std = sde.marginal_prob(x0, t)
+    return mean + bcast(std, x0) * randn(x0.shape, generator, x0.device, x0.dtype)
+
+
 def squared_l2(x0: Tensor, x0_hat: Tensor) -> Tensor:
     """``||x0 - x0_hat||^2`` per sample, summed over all data dimensions."""
     return (x0 - x0_hat).pow(2).reshape(x0.shape[0], -1).sum(1)
@@ -114,6 +122,11 @@ def _per_sample(d: Tensor, batch: int) -> Tensor:
 
 
 @torch.no_grad()
+def _decoded(distance: Distance, decode: Callable[[Tensor], Tensor]) -> Distance:
+    """``distance`` between decoded samples: a latent model's distance in pixel space."""
+    return lambda a, b: distance(decode(a), decode(b))
+
+
 def minority_score(
     score_fn: ScoreFn,
     sde: SDE,
@@ -124,9 +137,10 @@ def minority_score(
     snr: float | None = None,
     n: int = 5,
     distance: str | Distance = "l2",
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | StackedGenerator | None = None,
     batch_size: int = 256,
     progress: bool = False,
+    decode: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """The minority score ``l(x0) = E_z d(x0, x0_hat(alpha_s x0 + sigma_s z))`` of each sample (Um et al., eq. 6).
 
@@ -141,18 +155,22 @@ def minority_score(
         net = lpips.LPIPS(net="vgg")          # expects 3-channel images in [-1, 1]
         distance = lambda a, b: net(a.expand(-1, 3, -1, -1), b.expand(-1, 3, -1, -1)).flatten()
 
+    The distance is taken in the sampler's space, the latents of a latent model, by default; with
+    ``decode`` (e.g. ``model.decode``) it compares the decoded images instead, as the paper does in pixels.
+
     Returns a float tensor of shape ``(batch,)``; larger means more unique.
     """
     n, batch_size = positive_int(n, "n (number of noise draws)"), positive_int(batch_size, "batch_size")
-    dist = _distance(distance)
+    dist = _distance(distance) if decode is None else _decoded(_distance(distance), decode)
     s = perturbation_time(sde, t=t, alpha_bar=alpha_bar, snr=snr)
     scores = []
     for start in tqdm(range(0, x0.shape[0], batch_size), desc="minority score", disable=not progress):
         chunk = x0[start : start + batch_size]
         ts = batch_time(s, chunk, sde.T)
         total = torch.zeros(chunk.shape[0], dtype=chunk.dtype, device=chunk.device)
+        g = generator[start : start + chunk.shape[0]] if isinstance(generator, StackedGenerator) else generator
         for _ in range(int(n)):
-            x_s, _ = perturb(sde, chunk, ts, generator)
+            x_s = _perturb(sde, chunk, ts, g)
             total += _per_sample(dist(chunk, tweedie_denoise(score_fn, sde, x_s, ts)), chunk.shape[0])
         scores.append(total / n)
     return torch.cat(scores)
@@ -222,12 +240,14 @@ class MinorityClassifier:
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> MinorityClassifier:
         classifier, meta = load_classifier(path, device=device, kind="minority")
-        m = meta["minority"]
-        if m["num_levels"] != meta["num_classes"]:
-            raise ValueError(f"{path}: the classifier has {meta['num_classes']} outputs but {m['num_levels']} "
+        m = meta_field(meta, "minority", path)
+        num_levels, thresholds, t, n, distance = (meta_field(m, key, path, "'minority' metadata")
+                                                  for key in ("num_levels", "thresholds", "t", "n", "distance"))
+        if num_levels != meta_field(meta, "num_classes", path):
+            raise ValueError(f"{path}: the classifier has {meta['num_classes']} outputs but {num_levels} "
                              "minority levels; the file is inconsistent")
-        return cls(classifier, make_sde(**meta["sde"]), torch.tensor(m["thresholds"], dtype=torch.float64),
-                   m["t"], m["n"], m["distance"])
+        return cls(classifier, make_sde(**meta_field(meta, "sde", path)), torch.tensor(thresholds, dtype=torch.float64),
+                   t, n, distance)
 
 
 def train_minority_classifier(
@@ -244,11 +264,12 @@ def train_minority_classifier(
     snr: float | None = None,
     n: int = 5,
     distance: str | Distance = "l2",
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | StackedGenerator | None = None,
     batch_size: int = 256,
     eps: float = 1e-5,
     out_dir: str | os.PathLike | None = None,
     progress: bool = False,
+    decode: Callable[[Tensor], Tensor] | None = None,
 ) -> MinorityClassifier:
     """Label ``x`` with minority levels and train a noisy-input classifier on them (Um et al., Sec. 3.2).
 
@@ -264,7 +285,7 @@ def train_minority_classifier(
     s = perturbation_time(sde, t=t, alpha_bar=alpha_bar, snr=snr)
     if scores is None:
         scores = minority_score(score_fn, sde, x, t=s, n=n, distance=distance, generator=generator,
-                                batch_size=batch_size, progress=progress)
+                                batch_size=batch_size, progress=progress, decode=decode)
     elif len(scores) != len(x):
         raise ValueError(f"got {len(scores)} scores for {len(x)} samples")
     levels, thresholds = quantize_levels(scores, num_levels)
@@ -337,12 +358,15 @@ class SelfMinorityGuidance(Guidance):
     (0.4 CelebA-64, 0.2 ImageNet-64) are for images in [-1, 1] and 250 steps.
 
     ``score_fn``/``sde`` are the model that guides itself (the unguided model, whatever other plug-ins
-    the sampler composes with); ``generator`` draws the re-noising noise.
+    the sampler composes with); ``generator`` draws the re-noising noise. The discrepancy is measured in
+    the sampler's space (a latent model's latents) unless ``decode`` (``model.decode``) is given: then
+    between decoded images, with the gradient taken through the decoder.
     """
 
     def __init__(self, score_fn: ScoreFn, sde: SDE, scale: float, *, p_ratio: float = 0.8, inter_rate: int = 5,
                  n: int = 1, distance: str | Distance = "l2", normalize: bool = True,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | StackedGenerator | None = None,
+                 decode: Callable[[Tensor], Tensor] | None = None):
         if not callable(score_fn):
             raise TypeError(f"score_fn must be a score function (x, t) -> score, got {type(score_fn).__name__}")
         if not isinstance(sde, SDE):
@@ -352,7 +376,8 @@ class SelfMinorityGuidance(Guidance):
         self.score_fn, self.sde, self.scale = score_fn, sde, guidance_scale(scale)
         self.p_ratio, self.inter_rate = float(p_ratio), positive_int(inter_rate, "inter_rate")
         self.n = positive_int(n, "n")
-        self.distance, self.normalize, self.generator = _distance(distance), bool(normalize), generator
+        self.distance = _distance(distance) if decode is None else _decoded(_distance(distance), decode)
+        self.normalize, self.generator, self.decode = bool(normalize), generator, decode
 
     def direction(self, x: Tensor, t: Tensor | float) -> Tensor:
         """The (normalised) gradient ``grad_{x_t} E d(x0_hat(x_t), x0_tilde)`` of the self-guidance."""
@@ -365,7 +390,7 @@ class SelfMinorityGuidance(Guidance):
             for _ in range(self.n):
                 # Stop-gradient through the second reconstruction, as the authors' code (no_grad there).
                 with torch.no_grad():
-                    x_p, _ = perturb(self.sde, x0_hat.detach(), t_p, self.generator)
+                    x_p = _perturb(self.sde, x0_hat.detach(), t_p, self.generator)
                     x0_tilde = tweedie_denoise(self.score_fn, self.sde, x_p, t_p)
                 discrepancy = discrepancy + _per_sample(self.distance(x0_hat, x0_tilde), x.shape[0])
             (grad,) = torch.autograd.grad(discrepancy.sum() / self.n, x_in)

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from samplers._common import prior_sample
 from samplers.hooks import Guidance, ScoreFn, StepFn
 from samplers.masked import masked_step, masked_time_steps
 from samplers.pc import pc_step, time_steps
@@ -116,6 +117,9 @@ class SVDD(Guidance):
     each gets the value ``v`` and one per sample is kept with probability ``∝ exp(v / alpha)``
     (``alpha = 0``: the argmax, the reference code's choice and the default; ``alpha = inf``: uniform,
     i.e. the pretrained sampler). At the last step (``t_next = 0``) the value is the reward itself.
+    ``decode`` (e.g. a latent model's ``model.decode``) maps clean samples to what the reward judges, so that
+    the rewards and posterior-mean values of a latent pipeline see pixel images; ``value_fn`` (SVDD-MC)
+    sees the sampler's own ``x_t``.
 
     ``value_fn=None`` is SVDD-PM (``v = reward(x0_hat(x_{t-1}))``, :func:`posterior_mean`); a callable
     ``value_fn(x_t, t) -> (batch,)`` is SVDD-MC (:func:`fit_value_function`) or an exact value.
@@ -143,6 +147,7 @@ class SVDD(Guidance):
         resample_fraction: float = 0.05,
         seed: int | None = None,
         cache: bool = True,
+        decode: Callable[[Tensor], Tensor] | None = None,
     ):
         if not callable(reward_fn):
             raise TypeError(f"reward_fn must be callable as reward_fn(x0) -> (batch,), got {type(reward_fn).__name__}")
@@ -160,6 +165,9 @@ class SVDD(Guidance):
         self.num_candidates, self.alpha = int(num_candidates), alpha
         self.resample, self.resample_fraction = bool(resample), float(resample_fraction)
         self.seed, self.cache = seed, bool(cache)
+        if decode is not None and not callable(decode):
+            raise TypeError(f"decode must be None or callable as decode(x0) -> images, got {type(decode).__name__}")
+        self.decode = decode
         self._cache: _CandidateCache | None = None
         self.reset_counts()
 
@@ -175,9 +183,10 @@ class SVDD(Guidance):
 
     # -- evaluations ---------------------------------------------------------------------------
     def reward(self, x0: Tensor) -> Tensor:
-        """``reward_fn(x0)``, checked (shape ``(batch,)``, finite) and counted."""
+        """``reward_fn(x0)`` (of ``decode(x0)`` when a decoder is given), checked (shape ``(batch,)``, finite)
+        and counted."""
         self.reward_evals += x0.shape[0]
-        return checked_values(self.reward_fn(x0), x0.shape[0], "reward_fn")
+        return checked_values(self.reward_fn(x0 if self.decode is None else self.decode(x0)), x0.shape[0], "reward_fn")
 
     def value(self, x: Tensor, t_next, score_fn: ScoreFn, sde: SDE | MaskedDiffusion) -> Tensor:
         """The soft value estimate of candidates ``x`` at time ``t_next``: the reward at ``t_next = 0``,
@@ -307,7 +316,7 @@ def collect_rollouts(
         ts, ts_next = time_steps(sde, steps, eps)
 
         def prior(n: int) -> Tensor:
-            return sde.prior_sampling((n, *data_shape), generator=generator, dtype=dtype)
+            return prior_sample(sde, (n, *data_shape), generator, dtype=dtype)
 
     states, times, rewards = [], [], []
     for start in range(0, num_rollouts, batch_size):

@@ -7,6 +7,7 @@ variables, and inverse problems (inpainting, colorization), after Song et al. (2
 
 from .correctors import CORRECTORS, annealed_langevin, langevin
 from .dpm_solver import TIME_GRIDS, dpm_solver_2m, solver_time_grid
+from .generators import StackedGenerator
 from .inverse import colorize, inpaint
 from .likelihood import ESTIMATORS, Likelihood, bits_per_dim, likelihood
 from .masked import masked_sample, masked_step, masked_time_steps
@@ -43,4 +44,5 @@ __all__ = [
     "masked_time_steps",
     "count_nfe",
     "NFECounter",
+    "StackedGenerator",
 ]

@@ -10,12 +10,35 @@ from torch import Tensor
 from scorekit.sde import SDE
 from scorekit.validate import positive_int
 
+from .generators import StackedGenerator, randn
 from .hooks import Guidance, ScoreFn, apply_score_guidance
 
+#: score evaluations between two read-backs of :class:`CheckedScore`'s finiteness flags
+CHECK_EVERY = 32
 
-def randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Standard normal noise of ``x``'s shape, dtype and device, drawn from ``generator``."""
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+def randn_like(x: Tensor, generator: torch.Generator | StackedGenerator | None) -> Tensor:
+    """Standard normal noise of ``x``'s shape, dtype and device, drawn from ``generator`` (a per-sample
+    :class:`StackedGenerator` too: the samplers' noise draws all come through here)."""
+    return randn(x.shape, generator, x.device, x.dtype)
+
+
+def prior_sample(sde: SDE, shape, generator: torch.Generator | StackedGenerator | None = None, device=None,
+                 dtype: torch.dtype | None = None) -> Tensor:
+    """``sde.prior_sampling(shape)`` from ``generator``; per stream (each sample's own draw) for a
+    :class:`StackedGenerator`."""
+    if not isinstance(generator, StackedGenerator):
+        return sde.prior_sampling(shape, generator=generator, device=device, dtype=dtype)
+    x = generator.draw(lambda s, g: sde.prior_sampling(s, generator=g, dtype=dtype), shape)
+    return x if device is None else x.to(device)
+
+
+def is_zero(t) -> bool:
+    """Whether the time ``t`` (a number or a tensor) is 0 everywhere. Samplers pass host numbers, so that
+    the check never waits for the device; a device tensor is read back."""
+    if torch.is_tensor(t):
+        return bool((t == 0).all())
+    return float(t) == 0
 
 
 def resolve(name, registry: Mapping[str, Callable], kind: str) -> Callable | None:
@@ -76,40 +99,66 @@ def initial_state(
         return x_T
     if device is None and generator is not None:
         device = generator.device
-    return sde.prior_sampling(shape, generator=generator, device=device, dtype=dtype)
+    return prior_sample(sde, shape, generator, device, dtype)
 
 
 class CheckedScore:
     """A score function that stops the sampler on a wrong shape or a non-finite value.
 
-    ``step`` is set by the sampler so that the error names where it happened.
+    ``step`` is set by the sampler so that the error names where it happened. The finiteness test stays
+    on the device: each evaluation queues a flag, and the flags are read back (one host read) every
+    ``check_every`` evaluations and at :meth:`check`, which samplers call at the end; the error names
+    the first bad evaluation's step and ``t``.
     """
 
-    def __init__(self, score_fn: ScoreFn, steps: int | None = None):
+    def __init__(self, score_fn: ScoreFn, steps: int | None = None, check_every: int = CHECK_EVERY):
         self.score_fn, self.steps = score_fn, steps
+        self.check_every = positive_int(check_every, "check_every", "score evaluations between checks")
         self.step: int | None = None
         self.calls = 0
+        self._pending: list[tuple[Tensor, int, int | None, Tensor]] = []
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        return self._checked(self.score_fn(x, t), x, t)
+
+    @property
+    def denoise(self) -> ScoreFn:
+        """The wrapped function's own ``denoise(x, t)`` (a model's x0 estimate, which Tweedie's formula uses
+        where it has one), guarded alike; absent when the wrapped function has none."""
+        inner = getattr(self.score_fn, "denoise", None)
+        if inner is None:
+            raise AttributeError("denoise")
+        return lambda x, t: self._checked(inner(x, t), x, t)
+
+    def _checked(self, s: Tensor, x: Tensor, t: Tensor) -> Tensor:
         self.calls += 1
-        s = self.score_fn(x, t)
         if s.shape != x.shape:
             raise ValueError(
                 f"the score function returned shape {tuple(s.shape)} for x of shape {tuple(x.shape)}; "
                 "it must return a tensor of the same shape as x"
             )
-        # one reduction on the usual path: a sum is finite unless an entry is not (or it overflows)
-        if not bool(torch.isfinite(s.sum())) and not bool(torch.isfinite(s).all()):
-            if self.step is None:
-                where = f"score evaluation {self.calls}"
-            else:
-                where = f"step {self.step}" + (f" of {self.steps}" if self.steps else "")
-            t_val = t.flatten()[0].item() if torch.is_tensor(t) else float(t)
-            raise FloatingPointError(
-                f"the score is not finite (NaN or inf) at {where}, t = {t_val:.6g}; "
-                "check the model and its inputs"
-            )
+        self._pending.append((torch.isfinite(s.detach()).all(), self.calls, self.step, t))
+        if len(self._pending) >= self.check_every:
+            self.check()
         return s
+
+    def check(self) -> None:
+        """Read the queued flags back and raise a ``FloatingPointError`` at the first non-finite score."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        flags = torch.stack([flag.to(pending[0][0].device) for flag, *_ in pending])
+        if bool(flags.all()):
+            return
+        _, call, step, t = pending[int(flags.to(torch.uint8).argmin())]
+        if step is None:
+            where = f"score evaluation {call}"
+        else:
+            where = f"step {step}" + (f" of {self.steps}" if self.steps else "")
+        t_val = t.flatten()[0].item() if torch.is_tensor(t) else float(t)
+        raise FloatingPointError(
+            f"the score is not finite (NaN or inf) at {where}, t = {t_val:.6g}; check the model and its inputs"
+        )
 
 
 def guided_score(score_fn: ScoreFn, guidance: Iterable[Guidance], steps: int | None = None) -> CheckedScore:

@@ -14,6 +14,7 @@ from torch import Tensor
 from scorekit.sde import SDE, batch_time, bcast
 
 from ._common import ScoreFn, randn_like
+from .generators import StackedGenerator, stream_mean
 
 __all__ = ["langevin", "annealed_langevin", "CORRECTORS", "Corrector"]
 
@@ -28,8 +29,8 @@ def _alpha(sde: SDE, t: Tensor) -> Tensor:
     return 1 - sde.discrete_beta(t)
 
 
-def _mean_norm(v: Tensor) -> Tensor:
-    return v.reshape(v.shape[0], -1).norm(dim=-1).mean()
+def _mean_norm(v: Tensor, generator) -> Tensor:
+    return stream_mean(v.reshape(v.shape[0], -1).norm(dim=-1), generator)
 
 
 def _langevin(score_fn, sde, x, t, n_steps, generator, step_size) -> tuple[Tensor, Tensor]:
@@ -45,18 +46,20 @@ def _langevin(score_fn, sde, x, t, n_steps, generator, step_size) -> tuple[Tenso
 
 
 def langevin(score_fn: ScoreFn, sde: SDE, x: Tensor, t, *, snr: float, n_steps: int = 1,
-             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+             generator: torch.Generator | StackedGenerator | None = None) -> tuple[Tensor, Tensor]:
     """Langevin corrector with the step ``e = 2 alpha (snr ||z|| / ||s||)^2`` (Alg. 4 VE, Alg. 5 VP).
 
     The algorithms are written for one ``x``; for a batch, the norms are averaged over it as in the
     reference code. One step size for the whole batch keeps each update a plain Langevin step: a
     per-sample step that depends on ``z`` or ``x`` changes the chain's stationary law (in two
-    dimensions, ``||z|| z`` doubles the noise variance relative to the drift).
+    dimensions, ``||z|| z`` doubles the noise variance relative to the drift). With a per-sample
+    :class:`StackedGenerator` the means are over each sample's own rows (its copies under the tiling
+    rule): the rule a batch of one follows, so that a sample does not depend on its batch.
     """
 
     def step_size(score: Tensor, z: Tensor, t: Tensor) -> Tensor:
-        score_norm = _mean_norm(score)
-        e = 2 * _alpha(sde, t) * (snr * _mean_norm(z) / score_norm) ** 2
+        score_norm = _mean_norm(score, generator)
+        e = 2 * _alpha(sde, t) * (snr * _mean_norm(z, generator) / score_norm) ** 2
         # a vanishing score (e.g. a zero-initialised output layer) leaves the rule without a scale: the
         # step would be infinite, so the chain stays put instead of turning x into NaN; torch.where
         # keeps this off the host (no device sync per corrector step)
@@ -66,7 +69,7 @@ def langevin(score_fn: ScoreFn, sde: SDE, x: Tensor, t, *, snr: float, n_steps: 
 
 
 def annealed_langevin(score_fn: ScoreFn, sde: SDE, x: Tensor, t, *, snr: float, n_steps: int = 1,
-                      generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+                      generator: torch.Generator | StackedGenerator | None = None) -> tuple[Tensor, Tensor]:
     """Annealed Langevin dynamics (Song & Ermon 2019) with ``e = 2 alpha (snr sigma(t))^2``, ``sigma(t)``
     the marginal std, as the reference code's ``AnnealedLangevinDynamics``."""
 

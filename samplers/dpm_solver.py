@@ -17,6 +17,7 @@ import math
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from scorekit.score import tweedie_denoise
 from scorekit.sde import SDE
@@ -63,30 +64,31 @@ def solver_time_grid(sde: SDE, steps: int, eps: float, kind: str | None = None, 
 
 
 def dpm_solver_2m(
-    score_fn: ScoreFn, sde: SDE, x: Tensor, timesteps: Tensor, *, lower_order_final: bool = True
+    score_fn: ScoreFn, sde: SDE, x: Tensor, timesteps: Tensor, *, lower_order_final: bool = True,
+    progress: bool = False, desc: str = "dpm_solver_2m",
 ) -> Tensor:
     """Integrate the probability-flow ODE over ``timesteps`` (either direction) with DPM-Solver++(2M).
 
     One score evaluation per step. The first step is first order (DDIM); each later step uses the
     last two data predictions, ``D = (1 + 1/(2r)) x0_{i-1} - 1/(2r) x0_{i-2}`` with ``r = h_{i-1} / h_i``,
     and ``x_i = sigma_i / sigma_{i-1} x_{i-1} + alpha_i (1 - e^{-h_i}) D``. With ``lower_order_final``
-    the last step is first order too, as diffusers does for few steps.
+    the last step is first order too, as diffusers does for few steps. The coefficients are host numbers
+    computed once from the float64 grid, so the loop never reads the device.
     """
-    ts = timesteps.to(torch.float64)
-    alpha, sigma = sde.marginal_coeffs(ts)
-    lam = 0.5 * sde.log_snr(ts)
+    ts = timesteps.detach().to("cpu", torch.float64)
+    alpha, sigma = (c.tolist() for c in sde.marginal_coeffs(ts))
+    lam = (0.5 * sde.log_snr(ts)).tolist()
+    ts = ts.tolist()
     n = len(ts) - 1
     x0_prev = None
-    for i in range(1, n + 1):
-        t = ts[i - 1].to(x.dtype)
-        x0 = tweedie_denoise(score_fn, sde, x, t)
-        h = (lam[i] - lam[i - 1]).item()
-        first_order = x0_prev is None or (lower_order_final and i == n)
-        if first_order:
+    for i in tqdm(range(1, n + 1), desc=desc, disable=not progress):
+        x0 = tweedie_denoise(score_fn, sde, x, ts[i - 1])
+        h = lam[i] - lam[i - 1]
+        if x0_prev is None or (lower_order_final and i == n):  # first order (DDIM)
             d = x0
-        else:
-            r = (lam[i - 1] - lam[i - 2]).item() / h
+        else:  # second order (Alg. 2)
+            r = (lam[i - 1] - lam[i - 2]) / h
             d = (1 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
-        x = (sigma[i] / sigma[i - 1]).item() * x + (alpha[i] * -math.expm1(-h)).item() * d
+        x = (sigma[i] / sigma[i - 1]) * x + (alpha[i] * -math.expm1(-h)) * d
         x0_prev = x0
     return x

@@ -20,7 +20,8 @@ from torch import Tensor
 
 from scorekit.sde import SDE, batch_time, bcast
 
-from ._common import ScoreFn, randn_like
+from ._common import ScoreFn, prior_sample, randn_like
+from .generators import StackedGenerator
 from .pc import pc_sample
 
 __all__ = ["inpaint", "colorize", "COLOR_DECOUPLE"]
@@ -41,7 +42,7 @@ def _projection(
     sde: SDE,
     data: Tensor,
     mask: Tensor,
-    generator: torch.Generator | None,
+    generator: torch.Generator | StackedGenerator | None,
     to_latent: Callable[[Tensor], Tensor],
     from_latent: Callable[[Tensor], Tensor],
 ) -> Callable[[Tensor, Tensor], Tensor]:
@@ -65,7 +66,7 @@ def _masked_sample(score_fn, sde, data, mask, generator, to_latent, from_latent,
     project = _projection(sde, data, mask, generator, to_latent, from_latent)
     # The reference starts from the raw known data; starting from it diffused to T keeps every
     # state on the schedule.
-    x_T = project(sde.prior_sampling(data.shape, generator, data.device, data.dtype), sde.T)
+    x_T = project(prior_sample(sde, data.shape, generator, data.device, data.dtype), sde.T)
     return pc_sample(score_fn, sde, None, x_T=x_T, generator=generator, project=project, **kwargs)
 
 
@@ -75,7 +76,7 @@ def inpaint(
     x: Tensor,
     mask: Tensor,
     *,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | StackedGenerator | None = None,
     **kwargs,
 ) -> Tensor:
     """Fill in the entries of ``x`` where ``mask == 0`` given those where ``mask == 1``.
@@ -100,7 +101,7 @@ def inpaint(
 
 
 def colorize(
-    score_fn: ScoreFn, sde: SDE, gray: Tensor, *, generator: torch.Generator | None = None, **kwargs
+    score_fn: ScoreFn, sde: SDE, gray: Tensor, *, generator: torch.Generator | StackedGenerator | None = None, **kwargs
 ) -> Tensor:
     """Sample RGB images ``(B, 3, H, W)`` whose channel mean is the gray image ``gray`` ``(B, 1, H, W)``.
 

@@ -20,6 +20,7 @@ from torch import Tensor
 from scorekit.sde import SDE
 
 from ._common import CheckedScore, ScoreFn, check_eps, check_shape, randn_like
+from .generators import StackedGenerator, rand
 from .nfe import count_nfe
 from .ode import ADAPTIVE_METHODS, probability_flow, solve_ode
 
@@ -64,12 +65,13 @@ def likelihood(
     atol: float = 1e-5,
     eps: float = 1e-5,
     method: str = "dopri5",
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | StackedGenerator | None = None,
 ) -> Likelihood:
     """``log p(x)`` of data ``x`` (shape ``(batch, ...)``) under the model's probability-flow ODE.
 
     ``estimator`` is ``"rademacher"`` or ``"gaussian"`` (Hutchinson-Skilling, unbiased, one probe
-    per sample drawn from ``generator``) or ``"exact"`` (the full Jacobian trace). The ODE is solved
+    per sample drawn from ``generator``, which may be a per-sample :class:`~samplers.StackedGenerator`)
+    or ``"exact"`` (the full Jacobian trace). The ODE is solved
     with an adaptive torchdiffeq ``method`` at ``rtol``/``atol`` from ``eps`` (the reference's
     ``1e-5``) to ``T``. The score is differentiated with respect to ``x``, so it must be differentiable.
     """
@@ -81,7 +83,8 @@ def likelihood(
         )
     check_eps(eps, sde)
     check_shape(tuple(x.shape), score_fn)
-    counter = count_nfe(CheckedScore(score_fn))
+    checked = CheckedScore(score_fn)
+    counter = count_nfe(checked)
     drift = probability_flow(counter, sde)
     probe = None
     if estimator != "exact":
@@ -97,7 +100,12 @@ def likelihood(
         return v.detach(), div.detach()
 
     delta = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    z, delta = solve_ode(augmented, (x.detach(), delta), eps, sde.T, method=method, rtol=rtol, atol=atol)
+    try:
+        z, delta = solve_ode(augmented, (x.detach(), delta), eps, sde.T, method=method, rtol=rtol, atol=atol)
+    except (AssertionError, RuntimeError):
+        checked.check()  # a non-finite score says more than the step-size controller
+        raise
+    checked.check()
     logp = sde.prior_logp(z) + delta
     D = x[0].numel()
     return Likelihood(logp=logp, bpd=-logp / (D * math.log(2)), z=z, nfe=counter.nfe)
@@ -110,7 +118,7 @@ def bits_per_dim(
     num_bits: int = 8,
     *,
     data_range: tuple[float, float] = (-1.0, 1.0),
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | StackedGenerator | None = None,
     **kwargs,
 ) -> Likelihood:
     """Bits per dimension of quantized images, with uniform dequantization (reference ``run_lib``).
@@ -134,7 +142,7 @@ def bits_per_dim(
             f"images must lie in data_range {data_range}; got values in "
             f"[{images.min().item():.4g}, {images.max().item():.4g}]"
         )
-    u = torch.rand(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+    u = rand(images.shape, generator, images.device, images.dtype)
     y = lo + (hi - lo) * (k.round() + u) / levels
     result = likelihood(score_fn, sde, y, generator=generator, **kwargs)
     offset = num_bits - math.log2(hi - lo)

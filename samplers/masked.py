@@ -18,6 +18,7 @@ from scorekit.sde import batch_time
 from scorekit.validate import positive_int
 
 from ._common import check_steps
+from .generators import StackedGenerator
 from .hooks import Guidance, StepFn, apply_score_guidance, apply_step_guidance, check_guidance
 
 __all__ = ["masked_sample", "masked_step", "masked_time_steps"]
@@ -33,16 +34,25 @@ def masked_time_steps(steps: int) -> tuple[Tensor, Tensor]:
     return grid[:-1], grid[1:]
 
 
-def masked_step(denoiser: Denoiser, diffusion: MaskedDiffusion, generator: torch.Generator | None = None) -> StepFn:
+def masked_step(denoiser: Denoiser, diffusion: MaskedDiffusion,
+                generator: torch.Generator | StackedGenerator | None = None) -> StepFn:
     """One ancestral reverse step ``step_fn(x_t, t, s) -> x_s`` (MDLM eq. 7), one denoiser call.
 
     Batch-agnostic and drawing from ``generator``, so selection plug-ins may call it on repeated batches.
+    A per-sample :class:`~samplers.StackedGenerator` draws each sample's rows (its copies, rows ``i::B``)
+    from its own stream.
     """
 
     def step(x: Tensor, t, s) -> Tensor:
         log_probs = denoiser(x, batch_time(t, x, diffusion.T))
         diffusion.check_output(log_probs, x)
-        return diffusion.reverse_step(log_probs, x, t, s, generator)
+        if not isinstance(generator, StackedGenerator):
+            return diffusion.reverse_step(log_probs, x, t, s, generator)
+        b, out = len(generator), torch.empty_like(x)
+        generator.copies(x.shape[0])  # checks the tiling rule
+        for i, g in enumerate(generator.generators):
+            out[i::b] = diffusion.reverse_step(log_probs[i::b], x[i::b], t, s, g)
+        return out
 
     return step
 
@@ -56,7 +66,7 @@ def masked_sample(
     steps: int = 128,
     guidance: Iterable[Guidance] = (),
     x_T: Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | StackedGenerator | None = None,
     progress: bool = False,
     device: torch.device | str | None = None,
 ) -> Tensor:
@@ -82,6 +92,6 @@ def masked_sample(
         x = x_T
     denoiser = apply_score_guidance(denoiser, guidance)
     step = apply_step_guidance(masked_step(denoiser, diffusion, generator), denoiser, diffusion, guidance)
-    for i in tqdm(range(len(ts)), desc="masked_sample", disable=not progress):
-        x = step(x, ts[i], ts_next[i])
+    for t, s in tqdm(list(zip(ts.tolist(), ts_next.tolist())), desc="masked_sample", disable=not progress):
+        x = step(x, t, s)  # host times: nothing to copy to the device per step
     return x

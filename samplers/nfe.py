@@ -29,6 +29,20 @@ class NFECounter:
         self.samples += x.shape[0]
         return self.score_fn(x, t)
 
+    @property
+    def denoise(self) -> Callable[[Tensor, Tensor], Tensor]:
+        """The wrapped function's own ``denoise(x, t)`` (one network evaluation), counted alike."""
+        inner = getattr(self.score_fn, "denoise", None)
+        if inner is None:
+            raise AttributeError("denoise")
+
+        def counted(x: Tensor, t: Tensor) -> Tensor:
+            self.nfe += 1
+            self.samples += x.shape[0]
+            return inner(x, t)
+
+        return counted
+
     def reset(self) -> None:
         """Set both counts back to zero."""
         self.nfe = self.samples = 0

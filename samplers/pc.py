@@ -11,8 +11,9 @@ from tqdm.auto import tqdm
 from scorekit.sde import SDE
 from scorekit.validate import non_negative_int
 
-from ._common import ScoreFn, check_eps, check_steps, guided_score, initial_state, resolve
+from ._common import ScoreFn, check_eps, check_steps, guided_score, initial_state, is_zero, resolve
 from .correctors import CORRECTORS, Corrector
+from .generators import StackedGenerator
 from .hooks import Guidance, StepFn, apply_step_guidance, check_guidance
 from .predictors import PREDICTORS, Predictor
 
@@ -41,7 +42,7 @@ def pc_step(
     snr: float = 0.16,
     n_corrector_steps: int = 1,
     denoise: bool = True,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | StackedGenerator | None = None,
     project: Projection | None = None,
 ) -> StepFn:
     """One stochastic reverse step ``step_fn(x, t, t_next) -> x_next`` of the PC sampler (Alg. 1).
@@ -49,7 +50,8 @@ def pc_step(
     ``n_corrector_steps`` corrector updates at ``t``, then one predictor step to ``t_next``. The
     function is batch-agnostic (``t``, ``t_next`` scalars or ``(batch,)``) and draws its noise from
     ``generator``, so selection plug-ins may call it on repeated batches. The step into ``t_next = 0``
-    returns the predictor's mean when ``denoise`` is set (the reference's noise-free last step).
+    returns the predictor's mean when ``denoise`` is set (the reference's noise-free last step); pass
+    the times as host numbers (as :func:`pc_sample` does) so that this test never reads the device.
     ``project(x, t)``, if given, is applied after every corrector and predictor update (App. I).
     """
 
@@ -63,7 +65,7 @@ def pc_step(
                 x = project(x, t)
         if predictor is not None:
             x, x_mean = predictor(score_fn, sde, x, t, t_next, generator)
-        if denoise and bool((torch.as_tensor(t_next) == 0).all()):
+        if denoise and is_zero(t_next):
             x = x_mean
         return x if project is None else project(x, t_next)
 
@@ -85,7 +87,7 @@ def pc_sample(
     denoise: bool = True,
     guidance: Iterable[Guidance] = (),
     x_T: Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | StackedGenerator | None = None,
     progress: bool = False,
     project: Projection | None = None,
     device: torch.device | str | None = None,
@@ -100,7 +102,10 @@ def pc_sample(
     or ``None``. ``snr`` and ``n_corrector_steps`` set the corrector (Alg. 4-5). Guidance plug-ins
     wrap the score (``guide_score``), then the step (``guide_step``), in list order. The reference
     configs use ``eps=1e-3`` for VP and ``1e-5`` for VE. Runs under ``torch.no_grad()``: plug-ins that
-    differentiate enable gradients themselves.
+    differentiate enable gradients themselves. ``generator`` may be a per-sample
+    :class:`~samplers.StackedGenerator` (one stream per sample; then each sample is what a batch of one
+    drawn from its stream gives). The loop never reads the device: the times are host numbers, and the
+    score's finiteness is checked every few steps (:class:`~samplers._common.CheckedScore`).
     """
     predictor = resolve(predictor, PREDICTORS, "predictor")
     corrector = resolve(corrector, CORRECTORS, "corrector")
@@ -122,8 +127,9 @@ def pc_sample(
         project=project,
     )
     step = apply_step_guidance(step, score, sde, guidance)
-    ts, ts_next = ts.to(x.device, x.dtype), ts_next.to(x.device, x.dtype)
-    for i in tqdm(range(steps), desc="pc_sample", disable=not progress):
+    for i, (t, t_next) in enumerate(tqdm(list(zip(ts.tolist(), ts_next.tolist())), desc="pc_sample",
+                                         disable=not progress)):
         score.step = i + 1
-        x = step(x, ts[i], ts_next[i])
+        x = step(x, t, t_next)  # corrector (Alg. 4/5) at t, then the predictor to t_next
+    score.check()
     return x

@@ -20,6 +20,7 @@ from torch import Tensor
 from scorekit.sde import SDE, VESDE, VPSDE, DiscreteVPSDE, batch_time, bcast
 
 from ._common import ScoreFn, randn_like
+from .generators import StackedGenerator
 
 __all__ = ["euler_maruyama", "reverse_diffusion", "ancestral", "PREDICTORS", "Predictor"]
 
@@ -27,7 +28,7 @@ Predictor = Callable[..., tuple[Tensor, Tensor]]
 
 
 def euler_maruyama(
-    score_fn: ScoreFn, sde: SDE, x: Tensor, t, t_next, generator: torch.Generator | None = None
+    score_fn: ScoreFn, sde: SDE, x: Tensor, t, t_next, generator: torch.Generator | StackedGenerator | None = None
 ) -> tuple[Tensor, Tensor]:
     """Euler-Maruyama on the reverse SDE: ``x + (f - g^2 s) dt + g sqrt(-dt) z`` with ``dt = t_next - t``."""
     t, t_next = batch_time(t, x, sde.T), batch_time(t_next, x, sde.T)
@@ -38,7 +39,7 @@ def euler_maruyama(
 
 
 def reverse_diffusion(
-    score_fn: ScoreFn, sde: SDE, x: Tensor, t, t_next, generator: torch.Generator | None = None
+    score_fn: ScoreFn, sde: SDE, x: Tensor, t, t_next, generator: torch.Generator | StackedGenerator | None = None
 ) -> tuple[Tensor, Tensor]:
     """Reverse diffusion (App. E): ``x - f + G^2 s + G z``, where ``x_t = x_{t_next} + f + G z`` forward."""
     f, G = sde.discretize_step(x, t, t_next)
@@ -48,7 +49,7 @@ def reverse_diffusion(
 
 
 def ancestral(
-    score_fn: ScoreFn, sde: SDE, x: Tensor, t, t_next, generator: torch.Generator | None = None
+    score_fn: ScoreFn, sde: SDE, x: Tensor, t, t_next, generator: torch.Generator | StackedGenerator | None = None
 ) -> tuple[Tensor, Tensor]:
     """Ancestral sampling (App. F): DDPM's step for VP, SMLD's for VE.
 

@@ -24,7 +24,7 @@ from .losses import make_dsm_loss
 from .nets import MLP, make_unet
 from .score import ScoreModel
 from .sde import SDE, make_sde
-from .training import TrainConfig, Trainer, load_weights
+from .training import TrainConfig, Trainer, latest_checkpoint, load_state_checked, load_weights
 
 __all__ = [
     "SDEConfig",
@@ -246,6 +246,8 @@ class SampleConfig:
     atol: float = 1e-5
     eps: float = 1e-3
     seed: int = 0
+    #: the noise-free last step from eps to 0; None: each sampler's default (PC yes, ODE no)
+    denoise: bool | None = None
 
 
 @dataclass
@@ -321,12 +323,18 @@ def load_score_model(path: str | os.PathLike, ema: bool = True, device: str | to
     """Rebuild the score model of a training run (``scorekit train`` output or a checkpoint directory)
     with its EMA weights (or the raw weights with ``ema=False``)."""
     weights, state = load_weights(path, ema=ema)
+    ckpt = latest_checkpoint(path)
     meta = state.get("meta", {})
-    if "run_config" not in meta or "data_shape" not in meta:
+    if not isinstance(meta, dict) or "run_config" not in meta or "data_shape" not in meta:
         raise ValueError(f"{path}: this checkpoint does not record a run config; it was not written by `scorekit train`")
-    run = from_dict(RunConfig, meta["run_config"])
-    model = build_score_model(run.model, run.sde.build(), tuple(meta["data_shape"]))
-    model.load_state_dict(weights)
+    try:
+        run = from_dict(RunConfig, meta["run_config"])
+        data_shape = tuple(meta["data_shape"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{ckpt / 'state.json'}: meta.run_config / meta.data_shape is malformed ({e}); "
+                         "the checkpoint was edited or not written by `scorekit train`") from e
+    model = build_score_model(run.model, run.sde.build(), data_shape)
+    load_state_checked(model, weights, ckpt / ("ema.safetensors" if ema else "model.safetensors"))
     return model.to(device).eval().requires_grad_(False), run
 
 

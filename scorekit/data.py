@@ -20,6 +20,8 @@ from .sde import SDE, batch_time
 __all__ = [
     "load_digits",
     "load_image",
+    "load_image_folder",
+    "IMAGE_EXTENSIONS",
     "SKIMAGE_GRAY_IMAGES",
     "make_imbalanced",
     "toy_2d",
@@ -86,6 +88,75 @@ def load_image(name: str, gray: bool = True) -> Tensor:
         img = color.rgb2gray(img) if gray else util.img_as_float32(img).transpose(2, 0, 1)
     img = util.img_as_float32(img)
     return torch.from_numpy(np.ascontiguousarray(img if img.ndim == 3 else img[None]))
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def load_image_folder(path, *, resolution: int | None = None, captions: bool = False
+                      ) -> Tensor | tuple[Tensor, list[str]]:
+    """The images of a folder as float32 ``(N, 3, H, W)`` in ``[-1, 1]``, in file-name order.
+
+    Images are converted to RGB; with ``resolution`` the shorter side is resized to it (bilinear) and the
+    centre cropped to ``resolution x resolution``, as diffusers' text-to-image training scripts do, else all
+    images must share one size. With ``captions``, the folder's ``metadata.jsonl`` (one JSON object per line
+    with ``file_name`` and ``text``: the ``datasets`` image-folder convention those scripts read) gives the
+    images and their captions, returned as ``(images, texts)``.
+    """
+    import json
+    from pathlib import Path
+
+    from PIL import Image, UnidentifiedImageError
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no image folder {folder}: expected a directory of {'/'.join(IMAGE_EXTENSIONS)} files")
+    if captions:
+        meta = folder / "metadata.jsonl"
+        if not meta.is_file():
+            raise FileNotFoundError(f"{folder} has no metadata.jsonl: captioned training needs one line "
+                                    '{"file_name": "...", "text": "..."} per image')
+        entries = []
+        for i, line in enumerate(meta.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{meta}, line {i}: not JSON ({e.msg})") from None
+            if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str) \
+                    or not isinstance(entry.get("text"), str):
+                raise ValueError(f"{meta}, line {i}: expected an object with string 'file_name' and 'text'")
+            entries.append((entry["file_name"], entry["text"]))
+        missing = [name for name, _ in entries if not (folder / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{meta} names files that are not in {folder}: {missing[:5]}")
+        files, texts = [folder / name for name, _ in entries], [text for _, text in entries]
+    else:
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        texts = []
+    if not files:
+        raise ValueError(f"{folder} holds no images ({'/'.join(IMAGE_EXTENSIONS)})")
+    images = []
+    for file in files:
+        try:
+            with Image.open(file) as im:
+                im = im.convert("RGB")
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"{file} is not an image PIL can read ({e})") from None
+        if resolution is not None:
+            scale = resolution / min(im.size)
+            im = im.resize((max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale))),
+                           Image.BILINEAR)
+            left, top = (im.width - resolution) // 2, (im.height - resolution) // 2
+            im = im.crop((left, top, left + resolution, top + resolution))
+        images.append(torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1)
+    sizes = sorted({tuple(x.shape[1:]) for x in images})
+    if len(sizes) > 1:
+        raise ValueError(f"the images in {folder} have different sizes {sizes[:4]}: pass a resolution to resize "
+                         "and centre-crop them")
+    stacked = torch.stack(images)
+    return (stacked, texts) if captions else stacked
 
 
 def make_imbalanced(

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import load_tensors, save_tensors
+from .checkpoint import load_tensors, meta_field, save_tensors
 from .config import DataConfig
 from .losses import dsm_loss
 from .nets.distill import MLPDiscriminator, TeacherFeatureDiscriminator
@@ -498,8 +498,11 @@ class FDistill(TrainingLoop):
 
         uses_disc = self.needs_ratio or cfg.gan_weight > 0
         if uses_disc and discriminator is None:
-            discriminator = (TeacherFeatureDiscriminator(teacher) if isinstance(teacher, ScoreModel)
-                             else MLPDiscriminator(self.data_shape))
+            # its initialisation is drawn from config.training.seed, not from the global RNG as it happens to be
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(cfg.training.seed)  # the head is built on the CPU
+                discriminator = (TeacherFeatureDiscriminator(teacher) if isinstance(teacher, ScoreModel)
+                                 else MLPDiscriminator(self.data_shape))
         if not uses_disc:
             discriminator = None
         if isinstance(discriminator, nn.Module):
@@ -556,6 +559,11 @@ class FDistill(TrainingLoop):
     @property
     def unwrapped_generator(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.generator)
+
+    def data_signature(self) -> dict:
+        if self.data is None:
+            return {}
+        return {"n": int(self.data.shape[0]), "shapes": [list(self.data.shape[1:])]}
 
     def _reduce_sum(self, x: Tensor) -> Tensor:
         return self.accelerator.reduce(x, reduction="sum") if self.accelerator.num_processes > 1 else x
@@ -630,8 +638,8 @@ class FDistill(TrainingLoop):
         return loss
 
     # -- updates ---------------------------------------------------------------------------------
-    def critic_step(self, rng: torch.Generator) -> float:
-        """One update of the fake score and the discriminator (whichever are trainable)."""
+    def critic_step(self, rng: torch.Generator) -> Tensor | float:
+        """One update of the fake score and the discriminator (whichever are trainable); returns its loss."""
         optimizers = [opt for opt in (self.opt_fake, self.opt_disc) if opt is not None]
         if not optimizers:
             return 0.0
@@ -742,9 +750,10 @@ def load_generator(path: str | os.PathLike, generator: nn.Module | None = None, 
         from .sde import make_sde
 
         run = from_dict(RunConfig, meta["teacher_run_config"])
-        sde_cfg = dict(meta["sde"])
-        sde = make_sde(sde_cfg.pop("name"), **sde_cfg)
-        score = build_score_model(run.model, sde, tuple(meta["data_shape"]))
-        generator = OneStepGenerator(score, sde, meta["time"], tuple(meta["data_shape"]))
+        sde_cfg = dict(meta_field(meta, "sde", path))
+        sde = make_sde(meta_field(sde_cfg, "name", path, "'sde' metadata"), **{k: v for k, v in sde_cfg.items() if k != "name"})
+        shape = tuple(meta_field(meta, "data_shape", path))
+        score = build_score_model(run.model, sde, shape)
+        generator = OneStepGenerator(score, sde, meta_field(meta, "time", path), shape)
     load_state_checked(generator, tensors, Path(path))
     return generator.to(device).eval().requires_grad_(False), meta

@@ -10,7 +10,8 @@
 :func:`prepare_model` readies a model for a method, :func:`make_finetune_trainer` assembles the Trainer and
 :func:`write_outputs` writes ``merged/`` (the Trainer's final checkpoint with the adapters merged into the
 weights, readable by ``scorekit sample`` and :func:`scorekit.config.load_score_model`) and, for the adapters,
-``adapter.safetensors``. ``scorekit finetune`` runs them from a config.
+``adapter.safetensors`` (SaRA also as the peft-style directory ``adapter/``, see :func:`scorekit.sara.save_sara`).
+``scorekit finetune`` runs them from a config, also under ``accelerate launch`` / ``torchrun``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from .sara import (
     save_sara,
 )
 from .training import TrainConfig, Trainer, count_parameters, latest_checkpoint
+from .validate import fraction, positive, positive_int
 
 __all__ = [
     "METHODS",
@@ -45,6 +47,7 @@ __all__ = [
     "FinetuneConfig",
     "prepare_model",
     "lora_rank_for_budget",
+    "inject_lora",
     "make_finetune_trainer",
     "merged_copy",
     "write_outputs",
@@ -62,6 +65,13 @@ class LoRASection:
     alpha: float | None = None
     dropout: float = 0.0
     target_modules: str | list[str] | None = None
+
+    def __post_init__(self):
+        if self.r is not None:
+            self.r = positive_int(self.r, "r", "the LoRA rank; null = match SaRA's trainable budget")
+        if self.alpha is not None:
+            self.alpha = positive(self.alpha, "alpha", "null = alpha equal to r, scale 1")
+        self.dropout = fraction(self.dropout, "dropout")
 
 
 @dataclass
@@ -81,6 +91,13 @@ class FinetuneConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; valid choices are {list(METHODS)}")
+        step, steps = self.sara.progressive_step, self.training.steps
+        if self.method == "sara" and step is not None and step >= steps:
+            raise ValueError(
+                f"sara.progressive_step={step} is not below training.steps={steps}: the re-selection runs after "
+                f"that many steps and training then goes on with the new set; set it below {steps} (the authors: "
+                "halfway) or to null for no re-selection"
+            )
 
 
 # -- models ---------------------------------------------------------------------------------------------
@@ -97,13 +114,15 @@ def _lora_cap(weight: Tensor) -> int:
 
 def lora_rank_for_budget(model: nn.Module, modules: list[str], budget: int) -> int:
     """The LoRA rank whose trainable-parameter count on ``modules`` is the closest to ``budget``, each module's
-    rank being capped at its weight's smaller side (see :func:`_inject_lora`)."""
+    rank being capped at its weight's smaller side (see :func:`inject_lora`)."""
     weights = [model.get_submodule(n).weight for n in modules]
     ranks = range(1, max(_lora_cap(w) for w in weights) + 1)
     return min(ranks, key=lambda r: abs(sum(_lora_count(w, r) for w in weights) - budget))
 
 
-def _inject_lora(model: nn.Module, modules: list[str], r: int, alpha: float, dropout: float) -> nn.Module:
+def inject_lora(model: nn.Module, modules: list[str], r: int, alpha: float, dropout: float) -> nn.Module:
+    """peft LoRA (rank ``r``, scale ``alpha / r``) on ``modules`` of ``model``, in place; each module's rank is
+    capped at its weight's smaller side, with alpha scaled alike."""
     try:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError as err:
@@ -136,8 +155,8 @@ def prepare_model(base: nn.Module, cfg: FinetuneConfig) -> tuple[nn.Module, dict
     budget = count_parameters(probe, trainable_only=True)
     del probe
     modules = sara_modules if cfg.lora.target_modules is None else find_targets(base, cfg.lora.target_modules)
-    r = cfg.lora.r or lora_rank_for_budget(base, modules, budget)
-    model = _inject_lora(base, modules, r, cfg.lora.alpha or r, cfg.lora.dropout)
+    r = cfg.lora.r if cfg.lora.r is not None else lora_rank_for_budget(base, modules, budget)
+    model = inject_lora(base, modules, r, cfg.lora.alpha or r, cfg.lora.dropout)
     return model, {"method": "lora", "trainable": count_parameters(model, trainable_only=True), "rank": r,
                    "sara_budget": budget}
 
@@ -166,10 +185,27 @@ def _sara_loss(dsm: Callable) -> Callable:
     return loss_fn
 
 
+def _prepare_again(trainer: Trainer) -> None:
+    """Wrap the model for its processes anew after :func:`reselect` replaced Parameters: the DDP wrapper of a
+    multi-process run holds the old ones, and would wait for their gradients ("Expected to have finished
+    reduction in the prior iteration") while the new ones went unsynchronised and the ranks drifted apart.
+    Wrapping again registers the new Parameters and broadcasts rank 0's state, so the ranks start the second
+    phase identical."""
+    acc, model = trainer.accelerator, trainer.unwrapped
+    old = trainer.model
+    models = getattr(acc, "_models", None)
+    if isinstance(models, list) and old in models:
+        models.remove(old)  # accelerate keeps every prepared model; the old wrapper is dead
+    trainer.model = trainer.track("model", acc.prepare(model))
+    trainer.model.train()
+
+
 def _progressive(step: int) -> Callable[[Trainer], None]:
     def callback(trainer: Trainer) -> None:
         if trainer.step == step:
             reselect(trainer.unwrapped)
+            if trainer.model is not trainer.unwrapped:  # accelerate/DDP-wrapped (several processes)
+                _prepare_again(trainer)
             # The authors restart the optimizer here; the EMA copy restarts from the current weights.
             trainer.rebuild_optimizer()
 
@@ -221,6 +257,8 @@ def write_outputs(trainer: Trainer, cfg: FinetuneConfig, base_meta: dict) -> dic
     if cfg.method == "sara":
         paths["adapter"] = out / "adapter.safetensors"
         save_sara(trainer.ema, paths["adapter"])
+        paths["adapter_dir"] = out / "adapter"
+        save_sara(trainer.ema, paths["adapter_dir"], base_model_name_or_path=cfg.base)
     elif cfg.method == "lora":
         from peft import get_peft_model_state_dict
 

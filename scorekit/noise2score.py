@@ -24,12 +24,13 @@ import dataclasses
 import math
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import load_tensors, save_tensors
+from .checkpoint import load_tensors, meta_field, save_tensors
 from .nets.noise2score import ScoreUNet
 from .validate import fraction, positive, positive_int
 
@@ -560,21 +561,25 @@ class Noise2Score:
     ) -> Noise2Score:
         """Rebuild a model saved by :meth:`save`. ``noise``, when given, must be the checkpoint's noise model;
         ``net`` is required when the checkpoint holds a network other than :class:`ScoreUNet`."""
+        from .training import load_state_checked
+
         tensors, meta = load_tensors(path, device)
         if meta.get("format") != cls.FORMAT:
             raise ValueError(f"{path} is not a Noise2Score checkpoint (format {meta.get('format')!r}, expected {cls.FORMAT!r})")
-        if noise is not None and _noise_model(noise).name != meta["noise"]:
+        trained_for, level = meta_field(meta, "noise", path), meta_field(meta, "level", path)
+        if noise is not None and _noise_model(noise).name != trained_for:
             raise ValueError(
-                f"{path} was trained for {meta['noise']} noise and cannot denoise {noise} noise: the score of "
+                f"{path} was trained for {trained_for} noise and cannot denoise {noise} noise: the score of "
                 f"the noisy data depends on the noise model; train a {noise} model (Noise2Score(..., noise={noise!r}).fit)"
             )
         if net is None:
-            if meta["net"]["class"] != "ScoreUNet":
-                raise ValueError(f"{path} holds a {meta['net']['class']} network; pass an instance of it as net=")
-            net = ScoreUNet(**meta["net"]["config"])
-        net.load_state_dict(tensors)
+            info = meta_field(meta, "net", path)
+            if meta_field(info, "class", path, "'net' metadata") != "ScoreUNet":
+                raise ValueError(f"{path} holds a {info['class']} network; pass an instance of it as net=")
+            net = ScoreUNet(**meta_field(info, "config", path, "'net' metadata"))
+        load_state_checked(net, tensors, Path(path))
         net.to(device).eval()
-        return cls(net, meta["noise"], meta["level"])
+        return cls(net, trained_for, level)
 
 
 def _step_decay(lr: float, at: int) -> Callable[[Trainer], None]:

@@ -1,24 +1,31 @@
-"""diffusers models as score functions, and scorekit VP models as diffusers pipelines.
+"""diffusers pipelines as score models, and scorekit VP models as diffusers pipelines.
 
-:func:`from_diffusers` reads a saved ``DDPMPipeline`` (or ``DDIMPipeline``) directory, a pipeline object
-or a ``(unet, scheduler)`` pair as a :class:`~scorekit.score.ScoreModel` on the matching SDE:
+:func:`from_diffusers` reads a saved pipeline directory, a pipeline object or a ``(denoiser, scheduler)``
+pair as a :class:`~scorekit.score.ScoreModel` with ``.sde`` set:
 
-- ``DDPMScheduler`` / ``DDIMScheduler`` with linear betas -> :class:`DDPMScoreModel` on a ``VPSDE`` with
-  ``beta_min = beta_start N`` and ``beta_max = beta_end N`` (so ``sde.discrete_betas()`` are the
-  scheduler's betas). The discrete model is adapted as score_sde's ``get_score_fn`` does for
-  non-continuous VP models: the network sees ``t (N - 1)`` and its noise prediction is divided by the
-  scheduler's own ``sqrt(1 - alphas_cumprod[k])`` at ``k = floor(t (N - 1))``.
+- any scheduler that carries betas (DDPM, DDIM, PNDM, Euler, EulerAncestral, Heun, LMS, DEIS,
+  DPMSolverMultistep/Singlestep, UniPC, ...; ``linear``, ``scaled_linear``, ``squaredcos_cap_v2`` or
+  ``trained_betas``, zero terminal SNR included) -> a :class:`PretrainedScoreModel` on the
+  :class:`~scorekit.sde.DiscreteVPSDE` of ``alphas_cumprod = cumprod(1 - betas)``. At the scheduler's own
+  timesteps ``t_k = (k + 1) / N`` the score is the network's prediction (``epsilon``, ``v_prediction`` or
+  ``sample``) converted with that table; between them the network sees fractional timesteps. Scheduler
+  classes with the same betas give the same score function, so scorekit and diffusers solve one ODE.
 - ``ScoreSdeVeScheduler`` -> a ``ScoreModel`` on a ``VESDE(sigma_min, sigma_max, N)`` whose network is
-  fed ``sigma(t)`` and returns the score, exactly as ``ScoreSdeVePipeline`` uses it (diffusers' NCSN++
-  UNet, ``time_embedding_type="fourier"``, embeds ``log sigma`` and divides its output by ``sigma``).
+  fed ``sigma(t)`` and returns the score, exactly as ``ScoreSdeVePipeline`` uses it.
 
-:func:`save_diffusers` goes the other way for VP models whose network is a ``UNet2DModel``.
-Only safetensors weights are read; nothing is downloaded.
+The denoiser is whatever network class the pipeline names as ``unet`` or ``transformer``
+(``UNet2DModel``, ``UNet2DConditionModel``, ``DiTTransformer2DModel``, ...), read from safetensors only.
+Text-to-image pipelines keep their tokenizers and text encoders, class-conditional ones their classes,
+and latent pipelines (Stable Diffusion, SDXL, LDM, DiT) their autoencoder: ``model.data_shape`` is the
+latent shape, ``model.decode(z)`` the pipeline's own VAE decode. Conditional models are sampled through
+:meth:`PretrainedScoreModel.condition`. :func:`save_diffusers` goes the other way for VP models whose
+network is a ``UNet2DModel``. Nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,149 +34,304 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import atomic_dir, load_json
-from .score import ScoreModel
-from .sde import VESDE, VPSDE
+from .score import Conditioning, ScoreModel
+from .sde import VESDE, VPSDE, DiscreteVPSDE
 
-__all__ = [
-    "PREDICTION_TYPES",
-    "VE_SCHEDULERS",
-    "VP_SCHEDULERS",
-    "DDPMScoreModel",
-    "from_diffusers",
-    "save_diffusers",
-]
+__all__ = ["PREDICTION_TYPES", "PretrainedScoreModel", "from_diffusers", "save_diffusers"]
 
-VP_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")
-VE_SCHEDULERS = ("ScoreSdeVeScheduler",)
 # diffusers' prediction_type -> ScoreModel's prediction
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+DENOISERS = ("unet", "transformer")
+AUTOENCODERS = ("vae", "vqvae")
+VE_SCHEDULER = "ScoreSdeVeScheduler"
 SUPPORTED = (
-    f"{' / '.join(VP_SCHEDULERS)} with beta_schedule='linear' (read as a VPSDE) and "
-    f"{' / '.join(VE_SCHEDULERS)} (read as a VESDE)"
+    "pipelines with a 'unet' or 'transformer' denoiser and a scheduler that carries betas (DDPM, DDIM, PNDM, "
+    f"Euler, Heun, LMS, DEIS, DPM-Solver, UniPC, ...), or a {VE_SCHEDULER}"
 )
-WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
 PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
-# t (N - 1) computed in float32 can land just below the integer step it stands for (e.g. 4.9999995
-# for t = 5 / (N - 1)); this tolerance, in steps, keeps such round-off from truncating to step k - 1.
-INDEX_TOLERANCE = 1e-3
+# what diffusers' schedulers do that scorekit's samplers do not, and what scorekit does instead
+SAMPLING_FLAGS = {
+    "clip_sample": "diffusers clips the predicted x0 to [-clip_sample_range, clip_sample_range] at every step; "
+                   "scorekit's samplers follow the model's SDE unclipped (clip the final samples if needed)",
+    "thresholding": "diffusers applies dynamic thresholding to the predicted x0 at every step; scorekit's "
+                    "samplers follow the model's SDE unthresholded",
+}
 
 
-class DDPMScoreModel(ScoreModel):
-    """A discrete-time DDPM network read as the score of its continuous ``VPSDE``.
+def _table(scheduler: Any) -> Tensor:
+    """``alphas_cumprod = cumprod(1 - betas)`` in float64, from any scheduler with betas."""
+    betas = getattr(scheduler, "betas", None)
+    if not torch.is_tensor(betas):
+        raise ValueError(f"scheduler {type(scheduler).__name__} is not supported: it has no betas; supported are "
+                         f"{SUPPORTED}")
+    return torch.cumprod(1 - betas.detach().to(torch.float64), 0)
 
-    ``score(x, t) = -eps(x, t (N - 1)) / sqrt(1 - alphas_cumprod[k])`` with ``k = floor(t (N - 1))``
-    (score_sde's ``get_score_fn`` for discrete VP models); ``v`` and ``x0`` predictions use the same
-    discrete ``(sqrt(alphas_cumprod[k]), sqrt(1 - alphas_cumprod[k]))`` in place of ``(alpha(t), sigma(t))``.
-    A UNet with a learned (table) time embedding is given the integer step ``k`` itself.
+
+class PretrainedScoreModel(ScoreModel):
+    """A diffusers denoiser read as the score of the :class:`DiscreteVPSDE` of its scheduler's table.
+
+    ``score(x, t) = convert(net(x, k(t)))`` with the fractional timestep ``k(t) = N t - 1`` (integer at the
+    table's steps; a learned time-embedding table gets ``k`` rounded) and the conversion of ``prediction``
+    with ``(alpha(t), sigma(t))`` of the table. ``pipeline`` (optional) holds the other components: text
+    encoders and tokenizers (prompts, :meth:`conditioning`), the autoencoder (``decode``/``encode``). A
+    learned-variance output (``2 C`` channels, DiT) is read for its noise half, as ``DiTPipeline`` does.
     ``scheduler_config`` is kept so that :func:`save_diffusers` can write the model back unchanged.
     """
 
     def __init__(
         self,
         net: nn.Module,
-        sde: VPSDE,
-        alphas_cumprod: Tensor,
+        sde: DiscreteVPSDE,
         prediction: str = "eps",
+        *,
         scheduler_config: Mapping[str, Any] | None = None,
+        pipeline: Any = None,
+        data_shape: tuple[int, ...] | None = None,
     ):
-        super().__init__(net, sde, prediction=prediction, time_input="index")
-        if alphas_cumprod.shape != (sde.N,):
-            raise ValueError(
-                f"alphas_cumprod has shape {tuple(alphas_cumprod.shape)}, expected ({sde.N},) for N={sde.N}"
-            )
-        # A plain attribute, not a buffer: model.to(dtype) must not round the schedule.
-        self.alphas_cumprod = alphas_cumprod.detach().to("cpu", torch.float64)
+        config = getattr(net, "config", {})
+        size = _get(config, "sample_size")
+        if data_shape is None and size is not None:
+            h, w = (size, size) if isinstance(size, int) else tuple(size)
+            data_shape = (_get(config, "in_channels"), h, w)
+        super().__init__(net, sde, prediction=prediction, time_input="index", data_shape=data_shape)
         self.scheduler_config = dict(scheduler_config or {})
+        self.pipeline = pipeline
+        self.autoencoder = next((getattr(pipeline, k) for k in AUTOENCODERS if getattr(pipeline, k, None) is not None),
+                                None)
+        ae = _get(getattr(self.autoencoder, "config", {}), "scaling_factor")
+        self.scaling_factor = float(ae) if ae is not None else 1.0
+        shift = _get(getattr(self.autoencoder, "config", {}), "shift_factor")
+        self.shift_factor = float(shift) if shift is not None else 0.0
+        self.kind = type(net).__name__
+        self.num_classes = _num_classes(net)
+        self.text = getattr(pipeline, "tokenizer", None) is not None and getattr(pipeline, "text_encoder", None) is not None
+        self.requires_condition = self.kind.endswith("ConditionModel") or self.num_classes is not None
+        self.condition_help = "prompt=, negative_prompt=, guidance_scale=" if self.text else (
+            "class_labels=, guidance_scale=" if self.num_classes is not None else "encoder_hidden_states=")
+        self.learned_variance = _get(config, "out_channels") == 2 * _get(config, "in_channels")
 
-    def timestep(self, t: Tensor) -> Tensor:
-        """The discrete step ``k = floor(t (N - 1))`` (``int64``, clamped to ``[0, N - 1]``)."""
-        N = self.sde.N
-        return torch.floor(t * (N - 1) + INDEX_TOLERANCE).long().clamp(0, N - 1)
-
-    def coeffs(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        abar = self.alphas_cumprod.to(t.device)[self.timestep(t)]
-        return abar.sqrt().to(t.dtype), (1 - abar).sqrt().to(t.dtype)
-
+    # -- the network -------------------------------------------------------------------------------
     def network_time(self, t: Tensor) -> Tensor:
-        if getattr(getattr(self.net, "config", None), "time_embedding_type", None) == "learned":
-            return self.timestep(t)
-        return super().network_time(t)
+        k = self.sde.timestep(t)
+        if _get(getattr(self.net, "config", {}), "time_embedding_type") == "learned":
+            return k.round().long()
+        return k
+
+    def _net(self, x: Tensor, t: Tensor, net_kwargs: dict) -> Tensor:
+        if not self.learned_variance:
+            return super()._net(x, t, net_kwargs)
+        param = next(self.net.parameters())
+        out = self.net(x.to(param.dtype), self.network_time(t), **net_kwargs)
+        return getattr(out, "sample", out)[:, : x.shape[1]].to(x.dtype)
+
+    # -- conditioning ------------------------------------------------------------------------------
+    def conditioning(self, *, guided: bool = False, prompt: str | list[str] | None = None,
+                     negative_prompt: str | list[str] | None = None, class_labels: Any = None,
+                     encoder_hidden_states: Tensor | None = None,
+                     negative_encoder_hidden_states: Tensor | None = None,
+                     added_cond_kwargs: dict | None = None) -> Conditioning:
+        """Network keywords for a prompt (encoded exactly as the pipeline encodes it: its own
+        ``encode_prompt``; a missing negative prompt is the empty string, as in diffusers), precomputed
+        ``encoder_hidden_states`` (SDXL also ``added_cond_kwargs``), or ``class_labels`` (DiT's null class
+        ``1000`` as in ``DiTPipeline`` for the unconditional branch)."""
+        if prompt is not None or negative_prompt is not None:
+            if prompt is None:
+                raise ValueError("negative_prompt= needs prompt= as well")
+            if not self.text:
+                raise ValueError(f"this {self.kind} pipeline has no tokenizer and text encoder, so it takes no prompt; "
+                                 f"condition it with {self.condition_help}")
+            return self._encode_prompt(prompt, negative_prompt, guided)
+        if class_labels is not None:
+            return self._class_conditioning(class_labels, guided)
+        return super().conditioning(guided=guided, encoder_hidden_states=encoder_hidden_states,
+                                    negative_encoder_hidden_states=negative_encoder_hidden_states,
+                                    added_cond_kwargs=added_cond_kwargs)
+
+    def _encode_prompt(self, prompt, negative_prompt, guided: bool) -> Conditioning:
+        pipe = self.pipeline
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if isinstance(negative_prompt, str):
+            negative_prompt = [negative_prompt] * len(prompts)
+        if negative_prompt is not None and len(negative_prompt) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(negative_prompt)} negative prompts; pass one "
+                             "negative prompt or one per prompt")
+        device = next(self.net.parameters()).device
+        with torch.no_grad():
+            out = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=guided,
+                                     negative_prompt=negative_prompt)
+        if len(out) == 4:  # SDXL: pooled embeddings and the size/crop time ids go in added_cond_kwargs
+            embeds, negative, pooled, negative_pooled = out
+            projection = int(pooled.shape[-1]) if getattr(pipe, "text_encoder_2", None) is None else \
+                pipe.text_encoder_2.config.projection_dim
+            size = tuple(int(s) * pipe.vae_scale_factor for s in self.data_shape[1:])
+            ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=embeds.dtype,
+                                         text_encoder_projection_dim=projection).to(device).repeat(len(prompts), 1)
+            cond = {"encoder_hidden_states": embeds, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids}}
+            uncond = {"encoder_hidden_states": negative,
+                      "added_cond_kwargs": {"text_embeds": negative_pooled, "time_ids": ids}} if guided else None
+            return Conditioning(cond, uncond)
+        embeds, negative = out
+        return Conditioning({"encoder_hidden_states": embeds},
+                            {"encoder_hidden_states": negative} if guided else None)
+
+    def _class_conditioning(self, class_labels, guided: bool) -> Conditioning:
+        if self.num_classes is None:
+            raise ValueError(f"this {self.kind} network is not class-conditional; it takes no class_labels")
+        labels = torch.as_tensor(class_labels).reshape(-1)
+        if labels.is_floating_point() or labels.numel() == 0:
+            raise ValueError(f"class_labels must be integers, got {class_labels!r}")
+        if int(labels.min()) < 0 or int(labels.max()) >= self.num_classes:
+            raise ValueError(f"class label {labels.tolist()} out of range: this model has classes 0..{self.num_classes - 1}")
+        labels = labels.long().to(next(self.net.parameters()).device)
+        uncond = None
+        if guided:
+            if self.kind == "UNet2DModel":
+                raise ValueError("this class-conditional UNet2DModel has no null class, so classifier-free guidance "
+                                 "(guidance_scale > 1) is not defined for it")
+            uncond = {"class_labels": torch.full_like(labels, self.num_classes)}
+        return Conditioning({"class_labels": labels}, uncond)
+
+    # -- latent models -----------------------------------------------------------------------------
+    def decode(self, z: Tensor) -> Tensor:
+        """Images in [-1, 1] from latents, as the pipeline decodes them: ``vae.decode(z / scaling + shift)``."""
+        if self.autoencoder is None:
+            return z
+        ae = self.autoencoder
+        dtype = next(ae.parameters()).dtype
+        return ae.decode((z / self.scaling_factor + self.shift_factor).to(dtype)).sample.to(z.dtype)
+
+    def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Latents of images in [-1, 1]: the VAE posterior's mean (a draw with ``generator``), then
+        ``(z - shift) * scaling`` (VQ autoencoders: their encoder output)."""
+        if self.autoencoder is None:
+            return images
+        ae = self.autoencoder
+        out = ae.encode(images.to(next(ae.parameters()).dtype))
+        dist = getattr(out, "latent_dist", None)
+        z = out.latents if dist is None else (dist.mode() if generator is None else dist.sample(generator))
+        return ((z - self.shift_factor) * self.scaling_factor).to(images.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, sde={self.sde!r}, prediction={self.prediction!r}, data_shape={self.data_shape}"
+
+
+def _get(config: Any, key: str) -> Any:
+    return config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
+
+
+def _num_classes(net: nn.Module) -> int | None:
+    """The number of classes of a class-conditional denoiser, or ``None``."""
+    config = getattr(net, "config", {})
+    if type(net).__name__ in ("DiTTransformer2DModel", "Transformer2DModel"):
+        # DiT's label table has one more row, the null class 1000 (DiTPipeline hard-codes it)
+        return _get(config, "num_embeds_ada_norm") if _get(config, "norm_type") == "ada_norm_zero" else None
+    return _get(config, "num_class_embeds")
 
 
 # -- loading -----------------------------------------------------------------------------------------
-def _vp_model(unet: nn.Module, scheduler: Any) -> DDPMScoreModel:
+def _warn_flags(scheduler: Any) -> None:
+    for flag, instead in SAMPLING_FLAGS.items():
+        if scheduler.config.get(flag):
+            warnings.warn(f"{type(scheduler).__name__} has {flag}=True: {instead}", stacklevel=3)
+
+
+def _vp_model(net: nn.Module, scheduler: Any, pipeline: Any, data_shape) -> PretrainedScoreModel:
     cfg = scheduler.config
     name = type(scheduler).__name__
-    if cfg.get("trained_betas") is not None:
-        raise ValueError(
-            f"{name} has trained_betas: only a linear beta schedule maps onto a VPSDE ({SUPPORTED})"
-        )
-    if cfg.get("beta_schedule", "linear") != "linear":
-        raise ValueError(
-            f"{name} has beta_schedule={cfg['beta_schedule']!r}, which has no VPSDE counterpart: "
-            f"supported are {SUPPORTED}"
-        )
-    if cfg.get("rescale_betas_zero_snr", False):
-        raise ValueError(
-            f"{name} rescales betas to zero terminal SNR, which is not a linear schedule: supported are {SUPPORTED}"
-        )
     kind = cfg.get("prediction_type", "epsilon")
     if kind not in PREDICTION_TYPES:
         raise ValueError(f"{name} has prediction_type={kind!r}; supported are {sorted(PREDICTION_TYPES)}")
-    variance = cfg.get("variance_type", "fixed_small")
-    if variance in ("learned", "learned_range"):
-        raise ValueError(
-            f"{name} has variance_type={variance!r}: models that also predict the variance are not supported"
-        )
-    N = int(cfg["num_train_timesteps"])
-    sde = VPSDE(beta_min=cfg["beta_start"] * N, beta_max=cfg["beta_end"] * N, N=N)
-    return DDPMScoreModel(unet, sde, scheduler.alphas_cumprod, PREDICTION_TYPES[kind], dict(cfg))
+    net_cfg = getattr(net, "config", {})
+    out, inp = _get(net_cfg, "out_channels"), _get(net_cfg, "in_channels")
+    if out not in (None, inp, 2 * (inp or 0)):
+        raise ValueError(f"the {type(net).__name__} has {out} output channels for {inp} input channels; expected "
+                         f"{inp} (or {2 * inp}: noise and a learned variance)")
+    _warn_flags(scheduler)
+    return PretrainedScoreModel(net, DiscreteVPSDE(_table(scheduler)), PREDICTION_TYPES[kind],
+                                scheduler_config=dict(cfg), pipeline=pipeline, data_shape=data_shape)
 
 
-def _ve_model(unet: nn.Module, scheduler: Any) -> ScoreModel:
+def _ve_model(net: nn.Module, scheduler: Any) -> ScoreModel:
     cfg = scheduler.config
     sde = VESDE(sigma_min=cfg["sigma_min"], sigma_max=cfg["sigma_max"], N=int(cfg["num_train_timesteps"]))
     # ScoreSdeVePipeline feeds sigma(t) = sigma_min (sigma_max / sigma_min)^t and steps with the output as the score.
-    return ScoreModel(unet, sde, prediction="score", time_input="sigma")
+    return ScoreModel(net, sde, prediction="score", time_input="sigma")
 
 
-def _model_from_parts(unet: Any, scheduler: Any) -> ScoreModel:
-    if not isinstance(unet, nn.Module):
-        raise TypeError(
-            f"expected the network to be a torch.nn.Module (a diffusers UNet2DModel), got {type(unet).__name__}"
-        )
-    name = type(scheduler).__name__
-    if not hasattr(scheduler, "config") or name not in VP_SCHEDULERS + VE_SCHEDULERS:
-        raise ValueError(f"scheduler {name} is not supported: supported are {SUPPORTED}")
-    cfg = getattr(unet, "config", None)
-    if cfg is not None and getattr(cfg, "out_channels", None) not in (None, cfg.in_channels):
-        raise ValueError(
-            f"the UNet has {cfg.out_channels} output channels for {cfg.in_channels} input channels: "
-            "models that also predict the variance are not supported"
-        )
-    return _vp_model(unet, scheduler) if name in VP_SCHEDULERS else _ve_model(unet, scheduler)
+def _model_from_parts(net: Any, scheduler: Any, pipeline: Any = None, data_shape=None) -> ScoreModel:
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"expected the denoiser to be a torch.nn.Module (a diffusers UNet or transformer), got "
+                        f"{type(net).__name__}")
+    if not hasattr(scheduler, "config"):
+        raise ValueError(f"scheduler {type(scheduler).__name__} is not supported: supported are {SUPPORTED}")
+    if type(scheduler).__name__ == VE_SCHEDULER:
+        return _ve_model(net, scheduler)
+    return _vp_model(net, scheduler, pipeline, data_shape)
 
 
-def _check_weights(unet_dir: Path) -> None:
-    if any((unet_dir / w).is_file() for w in WEIGHTS):
+def _check_weights(component: Path) -> None:
+    """Refuse a component directory that holds only pickled weights (unpickling can run code)."""
+    if any(component.glob("*.safetensors")) or any(component.glob("*.safetensors.index.json")):
         return
-    pickled = sorted(p.name for pattern in PICKLED for p in unet_dir.glob(pattern))
+    pickled = sorted(p.name for pattern in PICKLED for p in component.glob(pattern))
     if pickled:
         raise ValueError(
-            f"{unet_dir} holds only pickled weights ({', '.join(pickled)}); scorekit loads safetensors only, "
+            f"{component} holds only pickled weights ({', '.join(pickled)}); scorekit loads safetensors only, "
             "since unpickling can run arbitrary code. Convert them where you trust the file: "
-            "UNet2DModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"
+            "Model.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"
         )
-    raise ValueError(f"no UNet weights in {unet_dir}: expected {WEIGHTS[0]}")
+    raise ValueError(f"no weights in {component}: expected a *.safetensors file")
 
 
-def _load_dir(path: Path) -> tuple[nn.Module, Any]:
+def _load_denoiser(path: Path, key: str, class_name: str, library: str) -> nn.Module:
     import diffusers
-    from diffusers import UNet2DModel
 
-    expected = (
-        "a diffusers pipeline directory (model_index.json, unet/, scheduler/) as written by save_pretrained"
-    )
+    cls = getattr(diffusers, class_name, None)
+    if library != "diffusers" or cls is None or not isinstance(cls, type) or not issubclass(cls, nn.Module):
+        raise ValueError(f"{path} names its {key} a {library}.{class_name}, which scorekit cannot read as a denoiser; "
+                         f"supported are {SUPPORTED}")
+    _check_weights(path / key)
+    try:
+        net, info = cls.from_pretrained(path / key, use_safetensors=True, local_files_only=True,
+                                        output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        what = "UNet" if key == "unet" else "transformer"
+        raise ValueError(f"could not load the {what} from {path / key}: the files are corrupt or foreign ({e})") from e
+    # diffusers only warns when weights are missing and leaves them randomly initialised: refuse instead.
+    problems = {k: info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")}
+    if any(problems.values()):
+        summary = "; ".join(f"{k.replace('_', ' ')}: {v[:4]}" for k, v in problems.items() if v)
+        raise ValueError(f"the {key} weights in {path / key} do not match its config.json ({summary}): foreign or "
+                         "corrupt files")
+    return net.eval()
+
+
+def _load_scheduler(path: Path, class_name: str) -> Any:
+    import diffusers
+
+    config_file = path / "scheduler" / "scheduler_config.json"
+    config = load_json(config_file) if config_file.is_file() else None
+    if not isinstance(config, dict):
+        # a corrupt file is bad data, not a bad argument type
+        raise ValueError(  # noqa: TRY004
+            f"could not load the {class_name} config: {config_file} is missing or not a JSON object"
+        )
+    cls = getattr(diffusers, class_name, None)
+    if cls is None:
+        raise ValueError(f"{path} uses scheduler {class_name}, which this diffusers does not have: supported are "
+                         f"{SUPPORTED}")
+    try:
+        return cls.from_config(config)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"could not build a {class_name} from {config_file} ({e})") from e
+
+
+def _load_dir(path: Path, dtype: torch.dtype | None) -> tuple[nn.Module, Any, Any]:
+    """``(denoiser, scheduler, pipeline)`` of a pipeline directory; ``pipeline`` holds the other components."""
+    import diffusers
+
+    expected = "a diffusers pipeline directory (model_index.json, unet/ or transformer/, scheduler/) as written " \
+               "by save_pretrained"
     if not path.exists():
         raise FileNotFoundError(f"no such directory: {path}; expected {expected}")
     if not path.is_dir():
@@ -177,47 +339,35 @@ def _load_dir(path: Path) -> tuple[nn.Module, Any]:
     if not (path / "model_index.json").is_file():
         raise ValueError(f"{path} has no model_index.json; expected {expected}")
     index = load_json(path / "model_index.json")
-    entries = {key: index.get(key) if isinstance(index, dict) else None for key in ("unet", "scheduler")}
+    if not isinstance(index, dict):
+        raise ValueError(f"{path / 'model_index.json'} is not a JSON object; expected {expected}")
+    # components are [library, class] pairs ([null, null] when left out); other keys are pipeline options
+    entries = {k: v for k, v in index.items() if isinstance(v, list) and not k.startswith("_")}
     for key, entry in entries.items():
-        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)):
-            raise ValueError(
-                f"{path / 'model_index.json'} has no valid {key!r} entry (got {entry!r}); expected {expected}"
-            )
-    if entries["unet"][1] != "UNet2DModel":
-        raise ValueError(f"{path} holds a {entries['unet'][1]} network; scorekit reads UNet2DModel pipelines")
-    scheduler_name = entries["scheduler"][1]
-    if scheduler_name not in VP_SCHEDULERS + VE_SCHEDULERS:
-        raise ValueError(
-            f"{path} uses scheduler {scheduler_name}, which is not supported: supported are {SUPPORTED}"
-        )
-    _check_weights(path / "unet")
+        if entry != [None, None] and not (len(entry) == 2 and all(isinstance(e, str) for e in entry)):
+            raise ValueError(f"{path / 'model_index.json'} has no valid {key!r} entry (got {entry!r}); expected {expected}")
+    key = next((k for k in DENOISERS if isinstance(entries.get(k), list) and entries[k][0]), None)
+    if key is None:
+        raise ValueError(f"{path / 'model_index.json'} names no 'unet' or 'transformer' component; supported are "
+                         f"{SUPPORTED}")
+    if not isinstance(entries.get("scheduler"), list):
+        raise ValueError(f"{path / 'model_index.json'} has no valid 'scheduler' entry; expected {expected}")
+    net = _load_denoiser(path, key, entries[key][1], entries[key][0])
+    scheduler = _load_scheduler(path, entries["scheduler"][1])
+    others = [k for k, v in entries.items() if k not in (key, "scheduler") and isinstance(v, list) and v[0]]
+    if not others:
+        return net, scheduler, None
+    for other in others:
+        if other not in ("tokenizer", "tokenizer_2", "feature_extractor") and (path / other).is_dir():
+            _check_weights(path / other)
+    pipeline_cls = getattr(diffusers, index.get("_class_name", ""), None) or diffusers.DiffusionPipeline
     try:
-        unet, info = UNet2DModel.from_pretrained(
-            path / "unet", use_safetensors=True, local_files_only=True, output_loading_info=True
-        )
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise ValueError(
-            f"could not load the UNet from {path / 'unet'}: the files are corrupt or foreign ({e})"
-        ) from e
-    # diffusers only warns when weights are missing and leaves them randomly initialised: refuse instead.
-    problems = {k: info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")}
-    if any(problems.values()):
-        summary = "; ".join(f"{k.replace('_', ' ')}: {v[:4]}" for k, v in problems.items() if v)
-        raise ValueError(
-            f"the UNet weights in {path / 'unet'} do not match its config.json ({summary}): foreign or corrupt files"
-        )
-    config_file = path / "scheduler" / "scheduler_config.json"
-    config = load_json(config_file) if config_file.is_file() else None
-    if not isinstance(config, dict):
-        # a corrupt file is bad data, not a bad argument type
-        raise ValueError(  # noqa: TRY004
-            f"could not load the {scheduler_name} config: {config_file} is missing or not a JSON object"
-        )
-    try:
-        scheduler = getattr(diffusers, scheduler_name).from_config(config)
-    except (ValueError, TypeError, KeyError) as e:
-        raise ValueError(f"could not build a {scheduler_name} from {config_file} ({e})") from e
-    return unet, scheduler
+        pipeline = pipeline_cls.from_pretrained(path, use_safetensors=True, local_files_only=True,
+                                                **{key: net, "scheduler": scheduler},
+                                                **({"torch_dtype": dtype} if dtype is not None else {}))
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise ValueError(f"could not load the pipeline components in {path} ({e})") from e
+    return net, scheduler, pipeline
 
 
 def from_diffusers(
@@ -226,36 +376,59 @@ def from_diffusers(
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    height: int | None = None,
+    width: int | None = None,
 ) -> ScoreModel:
     """A diffusers model as a scorekit :class:`~scorekit.score.ScoreModel` with ``.sde`` set.
 
-    ``source`` is a pipeline directory (``DDPMPipeline``/``DDIMPipeline``/``ScoreSdeVePipeline``
-    ``save_pretrained`` output, safetensors weights), a pipeline object with ``.unet`` and
-    ``.scheduler``, a ``(unet, scheduler)`` pair, or a UNet with ``scheduler`` given separately.
-    See the module docstring for how each scheduler maps onto an SDE; anything else is refused with
-    an error naming what is supported.
+    ``source`` is a pipeline directory (``save_pretrained`` output, safetensors weights), a pipeline object
+    with a ``unet`` or ``transformer`` and a ``scheduler``, a ``(denoiser, scheduler)`` pair, or a denoiser
+    with ``scheduler`` given separately. See the module docstring for how schedulers map onto SDEs.
+    ``dtype`` (e.g. ``torch.float16``) is the precision the networks run in; the samplers' state stays in
+    the dtype they are given. ``height`` / ``width`` (pixels) set the sample size of a latent pipeline (its
+    latent ``data_shape`` is ``(C, height / f, width / f)``, ``f`` the VAE's downsampling factor) or a pixel one.
     """
+    pipeline = None
     if isinstance(source, (str, os.PathLike)):
         if scheduler is not None:
             raise ValueError(
                 "pass either a pipeline directory or a (unet, scheduler) pair, not a directory and a scheduler"
             )
-        unet, scheduler = _load_dir(Path(source))
+        net, scheduler, pipeline = _load_dir(Path(source), dtype)
     elif isinstance(source, (tuple, list)):
         if len(source) != 2 or scheduler is not None:
             raise ValueError(f"expected a (unet, scheduler) pair, got a sequence of {len(source)} items")
-        unet, scheduler = source
-    elif hasattr(source, "unet") and hasattr(source, "scheduler"):
-        unet, scheduler = source.unet, source.scheduler
+        net, scheduler = source
+    elif hasattr(source, "scheduler") and any(getattr(source, k, None) is not None for k in DENOISERS):
+        pipeline, scheduler = source, source.scheduler
+        net = next(getattr(source, k) for k in DENOISERS if getattr(source, k, None) is not None)
     elif scheduler is not None:
-        unet = source
+        net = source
     else:
         raise TypeError(
             f"cannot read a {type(source).__name__}: pass a pipeline directory, a pipeline object, "
             "a (unet, scheduler) pair, or a UNet together with scheduler="
         )
-    model = _model_from_parts(unet, scheduler)
+    model = _model_from_parts(net, scheduler, pipeline, _data_shape(net, pipeline, height, width))
+    if pipeline is not None and (device is not None or dtype is not None):
+        pipeline.to(device=device, dtype=dtype)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def _data_shape(net: Any, pipeline: Any, height: int | None, width: int | None) -> tuple[int, ...] | None:
+    if height is None and width is None:
+        return None
+    config = getattr(net, "config", {})
+    size = _get(config, "sample_size")
+    factor = int(getattr(pipeline, "vae_scale_factor", 1) or 1) if any(
+        getattr(pipeline, k, None) is not None for k in AUTOENCODERS) else 1
+    h0, w0 = (size, size) if isinstance(size, int) else tuple(size)
+    height, width = height or h0 * factor, width or w0 * factor
+    for name, value in (("height", height), ("width", width)):
+        if int(value) != value or value < factor or value % factor:
+            raise ValueError(f"{name}={value} must be a positive multiple of {factor} (the autoencoder's "
+                             "downsampling factor)")
+    return (_get(config, "in_channels"), int(height) // factor, int(width) // factor)
 
 
 # -- saving ------------------------------------------------------------------------------------------
@@ -269,19 +442,19 @@ def save_diffusers(
     """Write a VP :class:`ScoreModel` as a ``DDPMPipeline`` directory that diffusers loads and samples from.
 
     The network must be a ``UNet2DModel`` taking the step index (``time_input="index"``) and predicting
-    ``eps``, ``v`` or ``x0``. The scheduler is a ``DDPMScheduler`` with ``N = sde.N`` steps and linear
-    betas from ``beta_start = beta_min / N`` to ``beta_end = beta_max / N`` (DDPM's discretization of
-    the VPSDE, ``sde.discrete_betas()``); diffusers then uses ``alphas_cumprod[k]``, which approximates
-    the continuous ``alpha(t_k)^2`` to ``O(1/N)``. ``clip_sample`` turns on diffusers' clipping of the
-    predicted ``x0`` to ``[-1, 1]`` (off by default: scorekit models need not live in ``[-1, 1]``).
-    A model loaded by :func:`from_diffusers` keeps its original scheduler settings. The directory is
-    written to a temporary name and renamed; an existing non-empty one needs ``overwrite=True``.
+    ``eps``, ``v`` or ``x0``. For a ``VPSDE`` the scheduler is a ``DDPMScheduler`` with ``N = sde.N`` steps and
+    linear betas from ``beta_start = beta_min / N`` to ``beta_end = beta_max / N`` (DDPM's discretization of
+    the VPSDE, ``sde.discrete_betas()``); diffusers then uses ``alphas_cumprod[k]``, which approximates the
+    continuous ``alpha(t_k)^2`` to ``O(1/N)``. A model loaded by :func:`from_diffusers` keeps its original
+    scheduler settings. ``clip_sample`` turns on diffusers' clipping of the predicted ``x0`` to ``[-1, 1]``
+    (off by default: scorekit models need not live in ``[-1, 1]``). The directory is written to a
+    temporary name and renamed; an existing non-empty one needs ``overwrite=True``.
     """
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
     if not isinstance(model, ScoreModel):
         raise TypeError(f"save_diffusers takes a scorekit ScoreModel, got {type(model).__name__}")
-    if type(model.sde) is not VPSDE:
+    if type(model.sde) not in (VPSDE, DiscreteVPSDE):
         raise ValueError(
             f"save_diffusers writes VP models as a DDPMPipeline; this model's SDE is {model.sde!r}"
         )
@@ -306,8 +479,11 @@ def save_diffusers(
         raise FileExistsError(
             f"{directory} exists and is not an empty directory; pass overwrite=True to replace it"
         )
-    if isinstance(model, DDPMScoreModel) and model.scheduler_config:
+    if isinstance(model, PretrainedScoreModel) and model.scheduler_config:
         scheduler = DDPMScheduler.from_config(model.scheduler_config)
+    elif isinstance(model.sde, DiscreteVPSDE):
+        scheduler = DDPMScheduler(num_train_timesteps=model.sde.N, trained_betas=model.sde.discrete_betas().tolist(),
+                                  prediction_type=to_diffusers[model.prediction], clip_sample=clip_sample)
     else:
         sde = model.sde
         scheduler = DDPMScheduler(
@@ -321,3 +497,4 @@ def save_diffusers(
     with atomic_dir(directory) as tmp:
         DDPMPipeline(unet=model.net, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
     return directory
+

@@ -12,29 +12,45 @@ tensor here) become trainable, everything else stays frozen. Three further piece
   inside a custom autograd function whose backward returns only the gradient at the selected entries, so
   neither the dense weight nor its gradient is ever kept for the optimizer.
 
-Usage mirrors peft::
+Usage mirrors peft (``LoraConfig`` -> :class:`SaRAConfig`, ``get_peft_model`` -> :func:`apply_sara`,
+``save_pretrained`` -> :func:`save_sara`, ``PeftModel.from_pretrained`` -> :func:`load_sara`,
+``merge_and_unload`` -> :func:`merge_sara`, ``unload`` -> :func:`unload_sara`, ``with disable_adapter()`` ->
+``with disable_sara(model)``)::
 
     model = apply_sara(model, SaRAConfig(threshold=2e-3, progressive_step=2500))
+    print_trainable_parameters(model)                # peft's line
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     ...  loss = task_loss + rank_penalty(model, generator)
-    save_sara(model, "adapter.safetensors")          # only the sparse values, their indices and the config
-    load_sara(fresh_model, "adapter.safetensors")     # or merge_sara(model) for a plain model
+    save_sara(model, "adapter")                      # adapter/adapter_config.json + adapter_model.safetensors
+    load_sara(fresh_model, "adapter")                # or merge_sara(model) for a plain model
+    with disable_sara(model): ...                    # the pre-trained model, re-enabled on exit
+
+A diffusers model carrying SaRA layers keeps working with ``save_pretrained``: it writes the plain merged
+model (see :func:`apply_sara`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import re
+import types
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import load_tensors, save_tensors
+from .checkpoint import load_json, load_tensors, save_json, save_tensors
+from .validate import positive_int
 
 __all__ = [
     "SaRAConfig",
@@ -45,13 +61,18 @@ __all__ = [
     "save_sara",
     "load_sara",
     "merge_sara",
+    "unload_sara",
     "disable_sara",
     "enable_sara",
     "rank_penalty",
     "reselect",
+    "print_trainable_parameters",
+    "base_model_identity",
 ]
 
 FORMAT = "scorekit-sara/1"
+# The peft-style directory form of an adapter (save_sara(model, DIR)).
+CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # The authors apply the nuclear norm only to 2-D weights whose both sides exceed 64.
 RANK_MIN_SIDE = 64
@@ -93,8 +114,9 @@ class SaRAConfig:
             raise ValueError(f"fraction must lie in (0, 1) (the share of entries trained per weight), got {self.fraction}")
         if not (math.isfinite(self.rank_lambda) and self.rank_lambda >= 0):
             raise ValueError(f"rank_lambda must be >= 0, got {self.rank_lambda}")
-        if self.progressive_step is not None and (isinstance(self.progressive_step, bool) or self.progressive_step < 1):
-            raise ValueError(f"progressive_step must be a positive step number or None, got {self.progressive_step}")
+        if self.progressive_step is not None:
+            self.progressive_step = positive_int(self.progressive_step, "progressive_step",
+                                                 "the training step after which the re-selection runs; null = never")
         if isinstance(self.target_modules, (tuple, list)):
             self.target_modules = [str(t) for t in self.target_modules]
             if not self.target_modules:
@@ -338,6 +360,68 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return model
 
 
+# -- diffusers' save_pretrained -----------------------------------------------------------------------
+def _is_diffusers_model(module: nn.Module) -> bool:
+    return any(c.__module__.startswith("diffusers.") for c in type(module).__mro__) and hasattr(module, "config")
+
+
+@contextlib.contextmanager
+def _plain_modules(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` with every SaRA layer swapped for its base layer holding the values the model computes with
+    now (adapted, or pre-trained where disabled); the layers and the pre-trained storage come back on exit."""
+    layers = _sara_layers(model)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            values = layer.adapted_values() if layer.enabled else layer.sara_base
+            layer.base_layer.weight.view(-1).index_put_((layer.support(),), values.detach())
+            model = _replace(model, name, layer.base_layer)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, layer in layers.items():
+                layer.base_layer.weight.view(-1).index_put_((layer.support(),), layer.sara_base)
+                layer._stamp = None  # the next forward writes what it needs
+                _replace(model, name, layer)
+
+
+def _save_pretrained_merged(self, save_directory, *args, **kwargs):
+    """diffusers' ``save_pretrained`` of this SaRA-adapted model: writes the *plain merged* model (the values it
+    computes with now, in the original module types), which ``from_pretrained`` reloads to the same outputs.
+    The model itself keeps its adapters. For the adapter alone use ``scorekit.sara.save_sara``."""
+    with _plain_modules(self) as plain:
+        return type(plain).save_pretrained(plain, save_directory, *args, **kwargs)
+
+
+def _patch_save_pretrained(model: nn.Module) -> None:
+    # A SaRA-adapted diffusers model would otherwise write base_layer/sara_* keys that from_pretrained cannot
+    # place (the weights stay on the meta device and the first forward fails).
+    for module in model.modules():
+        if _is_diffusers_model(module) and _sara_layers(module):
+            module.save_pretrained = types.MethodType(_save_pretrained_merged, module)
+
+
+def _unpatch_save_pretrained(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module.__dict__.get("save_pretrained"), types.MethodType):
+            del module.__dict__["save_pretrained"]
+
+
+# -- the base model's identity ------------------------------------------------------------------------
+def base_model_identity(model: nn.Module) -> dict[str, Any]:
+    """What an adapter records of the model it was made for: the class, and for the diffusers models inside
+    it their class, ``_name_or_path`` and a hash of their config (private ``_`` keys left out)."""
+    identity: dict[str, Any] = {"class": f"{type(model).__module__}.{type(model).__qualname__}"}
+    for name, module in model.named_modules():
+        if _is_diffusers_model(module):
+            config = {k: v for k, v in dict(module.config).items() if not k.startswith("_")}
+            digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+            identity.setdefault("diffusers", {})[name] = {
+                "class": type(module).__name__, "name_or_path": module.config.get("_name_or_path"),
+                "config_hash": digest}
+    return identity
+
+
 # -- public API ---------------------------------------------------------------------------------------
 def apply_sara(model: nn.Module, config: SaRAConfig) -> nn.Module:
     """Adapt ``model`` in place: every target weight gets its ineffective entries as trainable values.
@@ -347,6 +431,11 @@ def apply_sara(model: nn.Module, config: SaRAConfig) -> nn.Module:
     modules whose weight has no entry under the threshold are left as they are; a threshold that
     selects nothing anywhere is an error. Returns ``model`` (a new root only if ``model`` itself is a
     single targeted layer).
+
+    diffusers models in ``model`` (a ``UNet2DModel``, or one inside a ScoreModel) get a ``save_pretrained`` that
+    writes the plain *merged* model, which ``from_pretrained`` reloads to the same outputs; the adapted model is
+    left as it is. Use :func:`save_sara` for the adapter alone (:func:`merge_sara` / :func:`unload_sara` restore
+    diffusers' own ``save_pretrained``).
     """
     if not isinstance(config, SaRAConfig):
         raise TypeError(f"config must be a SaRAConfig, got {type(config).__name__}")
@@ -365,15 +454,17 @@ def apply_sara(model: nn.Module, config: SaRAConfig) -> nn.Module:
     for name, idx in selections.items():
         if idx.numel():
             model = _replace(model, name, SaRALayer(model.get_submodule(name), idx, config))
+    _patch_save_pretrained(model)
     return model
 
 
 def sara_state_dict(model: nn.Module) -> dict[str, Any]:
-    """The adapter alone: ``{"config": dict, "shapes": {module: weight shape}, "tensors": {...}}``.
+    """The adapter alone: ``{"config": dict, "shapes": {module: weight shape}, "tensors": {...}, "base_model": ...}``.
 
     ``tensors`` maps ``"<module>.sara_values"``/``"<module>.sara_indices"`` (trainable entries; flat
     indices into the weight) and ``"<module>.sara_fixed_values"``/``"<module>.sara_fixed_indices"``
-    (entries released by a progressive re-selection) to detached CPU tensors.
+    (entries released by a progressive re-selection) to detached CPU tensors; ``base_model`` is
+    :func:`base_model_identity` of ``model``.
     """
     layers = _require_layers(model, "sara_state_dict")
     config = next(iter(layers.values())).config
@@ -383,33 +474,129 @@ def sara_state_dict(model: nn.Module) -> dict[str, Any]:
         for key in ("sara_values", "sara_indices", "sara_fixed_values", "sara_fixed_indices"):
             tensors[f"{name}.{key}"] = getattr(layer, key).detach().cpu().clone()
         shapes[name] = list(layer.base_layer.weight.shape)
-    return {"config": config.to_dict(), "shapes": shapes, "tensors": tensors}
+    return {"config": config.to_dict(), "shapes": shapes, "tensors": tensors, "base_model": base_model_identity(model)}
 
 
-def save_sara(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write :func:`sara_state_dict` to ``path`` as safetensors (config and shapes as JSON metadata), atomically.
+def _is_file_form(path: Path) -> bool:
+    return path.suffix == ".safetensors" and not path.is_dir()
 
-    Indices are int32 for weights below 2**31 entries.
+
+def save_sara(model: nn.Module, path: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> None:
+    """Write the adapter (:func:`sara_state_dict`) to ``path``, each file atomically; indices are int32 for
+    weights below 2**31 entries.
+
+    A directory path (peft's layout; created if needed, other files in it left alone) gets
+    ``adapter_config.json`` (``peft_type``, the SaRA ``config``, the weight ``shapes``, scorekit's version and
+    the base model's identity) and ``adapter_model.safetensors`` (the sparse values and indices). A path ending
+    in ``.safetensors`` is the single-file form: the same tensors, with config and shapes in its metadata.
+    ``base_model_name_or_path`` (default: the ``_name_or_path`` of a diffusers model inside) is recorded as peft does.
     """
-    state = sara_state_dict(model)
-    save_tensors(state["tensors"], path, {"format": FORMAT, "config": state["config"], "shapes": state["shapes"]})
+    from . import __version__
+
+    state, path = sara_state_dict(model), Path(path)
+    if _is_file_form(path):
+        save_tensors(state["tensors"], path, {"format": FORMAT, "config": state["config"], "shapes": state["shapes"]})
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    save_tensors(state["tensors"], path / WEIGHTS_NAME, {"format": FORMAT})
+    base = state["base_model"]
+    name_or_path = base_model_name_or_path or next(
+        (d["name_or_path"] for d in base.get("diffusers", {}).values() if d["name_or_path"]), None)
+    save_json({"peft_type": "SARA", "format": FORMAT, "scorekit_version": __version__,
+               "base_model_name_or_path": name_or_path, "base_model": base,
+               "config": state["config"], "shapes": state["shapes"]}, path / CONFIG_NAME)
+
+
+def _checked_meta(meta: Any, where: str) -> dict[str, Any]:
+    """The ``config``/``shapes`` of an adapter's metadata, checked; errors name ``where`` (file) and the key."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"{where} must hold a JSON object, got {type(meta).__name__}")
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{where} is not a SaRA adapter (format {meta.get('format')!r}, expected {FORMAT!r})")
+    for key in ("config", "shapes"):
+        if key not in meta:
+            raise ValueError(f"{where} has no {key!r} key ({'the SaRAConfig fields' if key == 'config' else 'module name -> weight shape'}); "
+                             "it was not written by save_sara, or was edited; save the adapter again")
+    shapes, config = meta["shapes"], meta["config"]
+    if not isinstance(shapes, dict) or not all(
+            isinstance(s, list) and all(isinstance(d, int) and d > 0 for d in s) for s in shapes.values()):
+        raise ValueError(f"{where}: key 'shapes' must map module names to weight shapes (lists of positive "
+                         f"integers), got {str(shapes)[:200]}")
+    fields = {f.name for f in dataclasses.fields(SaRAConfig)}
+    if not isinstance(config, dict) or set(config) - fields:
+        unknown = sorted(set(config) - fields) if isinstance(config, dict) else config
+        raise ValueError(f"{where}: key 'config' must hold SaRAConfig fields {sorted(fields)}; unknown: {unknown}")
+    try:
+        SaRAConfig(**config)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: key 'config' is not a valid SaRAConfig: {e}") from None
+    return meta
 
 
 def _read_adapter(state_or_path: dict[str, Any] | str | os.PathLike) -> dict[str, Any]:
     if isinstance(state_or_path, dict):
+        missing = {"config", "shapes", "tensors"} - set(state_or_path)
+        if missing:
+            raise ValueError(f"the adapter state dict lacks {sorted(missing)}; expected what sara_state_dict returns")
         return state_or_path
-    tensors, meta = load_tensors(state_or_path)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{state_or_path} is not a SaRA adapter (format {meta.get('format')!r}, expected {FORMAT!r})")
-    return {"config": meta["config"], "shapes": meta["shapes"], "tensors": tensors}
+    path = Path(state_or_path)
+    if path.is_dir():
+        if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"{path} is not a SaRA adapter directory: expected {CONFIG_NAME} and {WEIGHTS_NAME} "
+                                    f"(written by save_sara(model, DIR)), found {sorted(p.name for p in path.iterdir())[:8]}")
+        meta = _checked_meta(load_json(path / CONFIG_NAME), str(path / CONFIG_NAME))
+        tensors, _ = load_tensors(path / WEIGHTS_NAME)
+    else:
+        tensors, meta = load_tensors(path)
+        meta = _checked_meta(meta, f"{path} (its metadata)")
+    return {"config": meta["config"], "shapes": meta["shapes"], "tensors": tensors, "base_model": meta.get("base_model")}
+
+
+def _differs(recorded: dict | None, model: nn.Module) -> str | None:
+    """A sentence saying how ``model`` differs from the base model the adapter recorded, or ``None``."""
+    if not recorded:
+        return None
+    now = base_model_identity(model)
+    if recorded == now:
+        return None
+    return f"the adapter was made for {json.dumps(recorded)}, this model is {json.dumps(now)}"
+
+
+def _plan_module(model: nn.Module, name: str, shape: list[int], tensors: dict[str, Tensor]):
+    """``(module, parts)`` for one adapter module, or a string saying what does not match."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return (f"the adapter has module {name!r} but the model has no module of that name; was the adapter "
+                f"made for another architecture (or for a model wrapped differently, e.g. ScoreModel vs its .net)?")
+    base = module.base_layer if isinstance(module, SaRALayer) else module
+    if not isinstance(base, SUPPORTED):
+        return f"module {name!r} is a {type(base).__name__}; the adapter expects a Linear/Conv layer there"
+    if list(base.weight.shape) != list(shape):
+        return (f"module {name!r} has a weight of shape {tuple(base.weight.shape)} but the adapter was made for "
+                f"{tuple(shape)}")
+    parts = {}
+    for key in ("sara_values", "sara_indices", "sara_fixed_values", "sara_fixed_indices"):
+        if f"{name}.{key}" not in tensors:
+            raise ValueError(f"the adapter lacks tensor {name}.{key}; the file is incomplete")
+        parts[key] = tensors[f"{name}.{key}"]
+    n = base.weight.numel()
+    for v, i in (("sara_values", "sara_indices"), ("sara_fixed_values", "sara_fixed_indices")):
+        if parts[v].numel() != parts[i].numel():
+            raise ValueError(f"module {name!r}: {parts[v].numel()} values for {parts[i].numel()} indices")
+        if parts[i].numel() and (parts[i].min() < 0 or parts[i].max() >= n):
+            raise ValueError(f"module {name!r}: adapter indices fall outside its weight of {n} entries")
+    return module, parts
 
 
 def load_sara(model: nn.Module, state_or_path: dict[str, Any] | str | os.PathLike) -> nn.Module:
-    """Put an adapter (from :func:`sara_state_dict` or a file of :func:`save_sara`) into ``model``.
+    """Put an adapter (from :func:`sara_state_dict`, a directory or a file of :func:`save_sara`) into ``model``.
 
     ``model`` is either the plain base model (its target modules are wrapped with the adapter's
     selection) or one already adapted with the same modules (its selection and values are replaced).
-    Module names and weight shapes must match; errors name the module. Returns ``model``.
+    Module names and weight shapes must match; the error lists every module that does not (and the base model
+    the adapter recorded). A model of another identity (class, diffusers config) whose modules do match loads
+    with a warning. Returns ``model``.
     """
     state = _read_adapter(state_or_path)
     config = SaRAConfig(**state["config"])
@@ -418,35 +605,20 @@ def load_sara(model: nn.Module, state_or_path: dict[str, Any] | str | os.PathLik
     extra = sorted(set(existing) - set(shapes))
     if extra:
         raise ValueError(f"the model has SaRA modules the adapter does not cover: {extra[:5]}")
-    plan = {}
+    plan, problems = {}, []
     for name, shape in shapes.items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(
-                f"the adapter has module {name!r} but the model has no module of that name; was the adapter "
-                f"made for another architecture (or for a model wrapped differently, e.g. ScoreModel vs its .net)?"
-            ) from None
-        base = module.base_layer if isinstance(module, SaRALayer) else module
-        if not isinstance(base, SUPPORTED):
-            raise ValueError(f"module {name!r} is a {type(base).__name__}; the adapter expects a Linear/Conv layer there")
-        if list(base.weight.shape) != list(shape):
-            raise ValueError(
-                f"module {name!r} has a weight of shape {tuple(base.weight.shape)} but the adapter was made for "
-                f"{tuple(shape)}"
-            )
-        parts = {}
-        for key in ("sara_values", "sara_indices", "sara_fixed_values", "sara_fixed_indices"):
-            if f"{name}.{key}" not in tensors:
-                raise ValueError(f"the adapter lacks tensor {name}.{key}; the file is incomplete")
-            parts[key] = tensors[f"{name}.{key}"]
-        n = base.weight.numel()
-        for v, i in (("sara_values", "sara_indices"), ("sara_fixed_values", "sara_fixed_indices")):
-            if parts[v].numel() != parts[i].numel():
-                raise ValueError(f"module {name!r}: {parts[v].numel()} values for {parts[i].numel()} indices")
-            if parts[i].numel() and (parts[i].min() < 0 or parts[i].max() >= n):
-                raise ValueError(f"module {name!r}: adapter indices fall outside its weight of {n} entries")
-        plan[name] = (module, parts)
+        found = _plan_module(model, name, shape, tensors)
+        if isinstance(found, str):
+            problems.append(found)
+        else:
+            plan[name] = found
+    identity = _differs(state.get("base_model"), model)
+    if problems:
+        more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
+        raise ValueError(f"the adapter does not fit this model in {len(problems)} of {len(shapes)} modules: "
+                         + "; ".join(problems[:8]) + more + (f". Note: {identity}" if identity else ""))
+    if identity:
+        warnings.warn(f"load_sara: {identity}; every module matches, so the adapter is loaded", stacklevel=2)
     model.requires_grad_(False)
     for name, (module, parts) in plan.items():
         idx, fixed = parts["sara_indices"], parts["sara_fixed_indices"]
@@ -461,6 +633,7 @@ def load_sara(model: nn.Module, state_or_path: dict[str, Any] | str | os.PathLik
             with torch.no_grad():
                 layer.sara_values.copy_(parts["sara_values"])
             model = _replace(model, name, layer)
+    _patch_save_pretrained(model)
     return model
 
 
@@ -468,30 +641,95 @@ def merge_sara(model: nn.Module) -> nn.Module:
     """Write the adapted values into the dense weights and put the original modules back.
 
     Returns the plain model (original module types, merged weights). Its parameters stay frozen, as
-    after peft's ``merge_and_unload``; call ``model.requires_grad_()`` to train it further.
+    after peft's ``merge_and_unload``; call ``model.requires_grad_()`` to train it further. A disabled
+    adapter is refused (merging it would silently drop it or bake in what the model no longer computes):
+    :func:`enable_sara` it first, or :func:`unload_sara` for the pre-trained model.
     """
-    for name, layer in _require_layers(model, "merge_sara").items():
+    layers = _require_layers(model, "merge_sara")
+    off = [name for name, layer in layers.items() if not layer.enabled]
+    if off:
+        raise ValueError(
+            f"merge_sara: the adapter is disabled in {len(off)} of {len(layers)} modules ({off[:3]}); call "
+            "enable_sara(model) (or leave the `with disable_sara(model):` block) to merge it, or "
+            "unload_sara(model) to drop it and keep the pre-trained weights"
+        )
+    for name, layer in layers.items():
         merged = layer.dense(adapted=True)
         with torch.no_grad():
             layer.base_layer.weight.copy_(merged)
         model = _replace(model, name, layer.base_layer)
+    _unpatch_save_pretrained(model)
     return model
 
 
-def _set_enabled(model: nn.Module, flag: bool, what: str) -> nn.Module:
-    for layer in _require_layers(model, what).values():
-        layer.enabled = flag
+def unload_sara(model: nn.Module) -> nn.Module:
+    """Drop the adapter without merging (peft's ``unload``): the plain model with its pre-trained weights and
+    original module types. Its parameters stay frozen; save the adapter first (:func:`save_sara`) to keep it."""
+    for name, layer in _require_layers(model, "unload_sara").items():
+        with torch.no_grad():
+            layer.base_layer.weight.view(-1).index_put_((layer.support(),), layer.sara_base)
+        model = _replace(model, name, layer.base_layer)
+    _unpatch_save_pretrained(model)
     return model
 
 
-def disable_sara(model: nn.Module) -> nn.Module:
-    """Switch every adapter off: the model computes with its pre-trained weights (nothing is merged)."""
-    return _set_enabled(model, False, "disable_sara")
+class _AdapterSwitch:
+    """What :func:`disable_sara` returns: calls and reads like the model, and as a context manager puts the
+    adapters back as they were (``with disable_sara(model): ...``)."""
+
+    def __init__(self, model: nn.Module, previous: dict[str, bool]):
+        self.model, self._previous = model, previous
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        if name in ("model", "_previous"):
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    def __enter__(self) -> nn.Module:
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        for name, layer in _sara_layers(self.model).items():
+            layer.enabled = self._previous.get(name, True)
+
+    def __repr__(self) -> str:
+        return f"disable_sara({type(self.model).__name__})"
+
+
+def disable_sara(model: nn.Module) -> _AdapterSwitch:
+    """Switch every adapter off: the model computes with its pre-trained weights (nothing is merged).
+
+    Either until :func:`enable_sara` (the returned handle calls like the model: ``disable_sara(model)(x)``), or,
+    as peft's ``disable_adapter()``, for a block: ``with disable_sara(model): ...`` re-enables on exit (each
+    layer as it was before).
+    """
+    layers = _require_layers(model, "disable_sara")
+    previous = {name: layer.enabled for name, layer in layers.items()}
+    for layer in layers.values():
+        layer.enabled = False
+    return _AdapterSwitch(model, previous)
 
 
 def enable_sara(model: nn.Module) -> nn.Module:
     """Switch the adapters back on after :func:`disable_sara`."""
-    return _set_enabled(model, True, "enable_sara")
+    for layer in _require_layers(model, "enable_sara").values():
+        layer.enabled = True
+    return model
+
+
+def print_trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """Print peft's line ``trainable params: N || all params: M || trainable%: P`` and return ``(N, M)``.
+
+    ``M`` counts the model's own parameters: SaRA's trainable values are entries of its weights, so they are
+    not counted twice (for a model without SaRA layers this is every parameter).
+    """
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for n, p in model.named_parameters() if not n.endswith("sara_values"))
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / max(total, 1):.4f}")
+    return trainable, total
 
 
 def rank_penalty(model: nn.Module, generator: torch.Generator | None = None) -> Tensor:

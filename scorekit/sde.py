@@ -448,10 +448,24 @@ class DiscreteVPSDE(SDE):
         dalpha = (alpha_k[j + 1] - alpha_k[j]) * self.N
         return torch.where(smooth, -sigma2 * dlam, -2 * dalpha / alpha).to(t.dtype)
 
+    def alpha_rate(self, t: Tensor) -> Tensor:
+        """``d alpha / dt``: ``-1/2 beta alpha``, finite where ``alpha = 0`` (zero terminal SNR)."""
+        alpha_k, _ = self._on(t.device)
+        j, _, smooth = self._segment(t)
+        alpha, _ = self._alpha_sigma2(t)
+        rate = torch.where(smooth, -0.5 * self.beta(t).to(torch.float64) * alpha, (alpha_k[j + 1] - alpha_k[j]) * self.N)
+        return rate.to(t.dtype)
+
     def sde(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         t = batch_time(t, x, self.T)
         beta = self.beta(t)
         return -0.5 * bcast(beta, x) * x, torch.sqrt(beta)
+
+    def reverse(self, score_fn: ScoreFn, probability_flow: bool = False) -> ReverseSDE:
+        """As :meth:`SDE.reverse`; the probability-flow drift is written through the clean-sample estimate,
+        ``(d alpha / dt) (x0_hat - alpha x) / sigma^2`` (the same ODE as eq. 13), which stays finite at a
+        zero-terminal-SNR ``t = T``, where ``beta`` is infinite and the score alone no longer says ``x0_hat``."""
+        return _DiscreteReverse(self, score_fn, probability_flow)
 
     @property
     def prior_std(self) -> float:
@@ -523,6 +537,19 @@ class ReverseSDE:
 
 
 #: the SDEs a config picks by name; :func:`make_sde` also rebuilds a DiscreteVPSDE from its ``config()``
+class _DiscreteReverse(ReverseSDE):
+    def sde(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        if not self.probability_flow:
+            return super().sde(x, t)
+        from .score import tweedie_denoise  # score.py imports this module
+
+        t = batch_time(t, x, self.T)
+        alpha, sigma = self.forward.marginal_coeffs(t)
+        x0 = tweedie_denoise(self.score_fn, self.forward, x, t)
+        rate = bcast(self.forward.alpha_rate(t) / sigma**2, x)
+        return rate * (x0 - bcast(alpha, x) * x), torch.zeros_like(t)
+
+
 SDES: dict[str, type[SDE]] = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
 
 

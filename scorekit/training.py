@@ -8,15 +8,30 @@ from in-memory tensors (:func:`scorekit.losses.make_dsm_loss` gives the score-ma
 classifiers, value networks, Noise2Score and SaRA reuse it with their own losses);
 :class:`scorekit.distill.FDistill` runs its generator and critics on the same core.
 Both run unchanged under ``accelerate launch --num_processes N``.
+
+Faults the loop guards against: a non-finite loss or gradient (the update is skipped on the device and
+training stops naming the last finite checkpoint), a second run into the same ``out_dir`` (a run lock), an
+unusable ``out_dir`` (created and test-written before the first step), a fresh run over an older one
+(refused unless ``overwrite``), a resume with changed data (refused) or config (warned), a power loss
+(checkpoints are fsynced before they are published) and cluster preemption (SIGTERM saves a checkpoint at
+the end of the step and exits with status 143).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import json
+import math
 import os
 import shutil
-from collections.abc import Callable, Iterable, Sequence
+import signal
+import sys
+import tempfile
+import threading
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,14 +41,26 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .checkpoint import (
+    atomic_dir,
     load_json,
     load_tensors,
+    meta_field,
     optimizer_from_tensors,
     optimizer_to_tensors,
+    remove_stale_temporaries,
     save_json,
     save_tensors,
 )
 from .validate import fraction, non_negative, non_negative_int, positive, positive_int
+
+try:  # POSIX; elsewhere runs are not locked
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+try:  # torch >= 2.6
+    from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+except ImportError:  # pragma: no cover
+    clip_grads_with_norm_ = get_total_norm = None
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -41,16 +68,26 @@ if TYPE_CHECKING:
 __all__ = [
     "TrainConfig", "TrainingLoop", "Trainer", "latest_checkpoint", "load_weights", "load_state_checked",
     "count_parameters", "read_checkpoint", "prune_checkpoints", "update_ema", "resolve_precision", "MIXED_PRECISION",
+    "adamw_options", "last_finite_checkpoint", "RunLock", "RunDirError", "Preempted",
 ]
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 FORMAT = "scorekit-trainer/1"
 LossFn = Callable[[nn.Module, Any, torch.Generator], Tensor]
+READ_BACK_EVERY = 100  # steps between reads of the device-side history and NaN flags when log_every is 0
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM  # 143, what a shell reports for a process ended by SIGTERM
+# keys whose change between a checkpoint and the run resuming it is expected (a longer run, other logging)
+RESUMABLE_CHANGES = frozenset({"steps", "progress", "resume", "overwrite", "log_every", "checkpoint_every",
+                               "keep_checkpoints", "out_dir", "n_samples"})
 
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings of :class:`Trainer` (the ``training:`` section of a YAML config)."""
+    """Optimisation settings of :class:`Trainer` (the ``training:`` section of a YAML config).
+
+    ``resume``: continue from the newest checkpoint in ``out_dir``. With ``resume: false`` an ``out_dir``
+    that already holds checkpoints is refused, unless ``overwrite: true``, which deletes them first.
+    """
 
     steps: int = 2000
     batch_size: int = 128
@@ -67,6 +104,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     progress: bool = True
     resume: bool = True
+    overwrite: bool = False
 
     def __post_init__(self):
         if isinstance(self.steps, (int, float)) and self.steps < 1:  # the wording configs have always reported
@@ -88,6 +126,9 @@ class TrainConfig:
         self.log_every = non_negative_int(self.log_every, "log_every", "0 = no loss in the progress bar")
         self.checkpoint_every = non_negative_int(self.checkpoint_every, "checkpoint_every", "0 = only at the end")
         self.keep_checkpoints = positive_int(self.keep_checkpoints, "keep_checkpoints")
+        for name in ("progress", "resume", "overwrite"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
 
 @torch.no_grad()
@@ -95,15 +136,42 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float, step: int) -> Non
     """``ema <- decay' ema + (1 - decay') model`` over the state dict, ``decay' = min(decay, (1 + step) / (10 + step))``.
 
     The warm-up is TensorFlow's ``ExponentialMovingAverage(num_updates)``, so that short runs are not
-    dominated by the random initialisation; integer buffers are copied.
+    dominated by the random initialisation; integer buffers are copied. The floating tensors are updated
+    with one ``torch._foreach_lerp_`` per dtype and device.
     """
     decay = min(decay, (1 + step) / (10 + step))
     src = model.state_dict()
+    groups: dict[tuple[torch.dtype, torch.device], tuple[list[Tensor], list[Tensor]]] = {}
     for name, value in ema.state_dict().items():
         if value.is_floating_point():
-            value.lerp_(src[name].to(value.dtype), 1 - decay)
+            targets, sources = groups.setdefault((value.dtype, value.device), ([], []))
+            targets.append(value)
+            sources.append(src[name].to(device=value.device, dtype=value.dtype))
         else:
             value.copy_(src[name])
+    for targets, sources in groups.values():
+        torch._foreach_lerp_(targets, sources, 1 - decay)
+
+
+def adamw_options(params: Iterable[nn.Parameter | dict]) -> dict[str, bool]:
+    """``{"fused": True}`` when torch has a fused AdamW for every parameter's device and dtype, else ``{}``
+    (torch's own choice, foreach on CUDA).
+
+    The fused step takes a device-side ``found_inf`` flag and then leaves the parameters, the moments and
+    the step count untouched, which is how :meth:`TrainingLoop.optimize` skips a non-finite update
+    without a host sync.
+    """
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        devices = set(_get_fused_kernels_supported_devices())
+    except ImportError:  # pragma: no cover - an older torch
+        return {}
+    tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]
+    fusable = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+    if tensors and all(t.device.type in devices and t.dtype in fusable for t in tensors):
+        return {"fused": True}
+    return {}
 
 
 def resolve_precision(name: str) -> str:
@@ -135,6 +203,10 @@ def read_checkpoint(path: str | os.PathLike, fmt: str = FORMAT, kind: str = "a s
     if ckpt is None:
         return None
     state = load_json(ckpt / "state.json")
+    if not isinstance(state, dict):
+        raise ValueError(f"{ckpt / 'state.json'} holds a JSON {type(state).__name__}, expected an object with "
+                         f"format, step, world_size and history; the checkpoint is corrupt: delete {ckpt} to resume "
+                         "from the one before it")
     if state.get("format") != fmt:
         raise ValueError(f"{ckpt} is not {kind} (format {state.get('format')!r}, expected {fmt!r})")
     return ckpt, state
@@ -144,6 +216,161 @@ def prune_checkpoints(root: Path, keep: int, final: Path) -> None:
     """Delete the ``step-*`` directories under ``root`` but the ``keep`` newest, ``final`` (just written) always among them."""
     for old in sorted(p for p in root.glob("step-*") if p != final)[: -keep + 1 or None]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _finite_file(path: Path) -> bool:
+    tensors, _ = load_tensors(path)
+    return all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point())
+
+
+def last_finite_checkpoint(path: str | os.PathLike, before: int | None = None) -> Path | None:
+    """The newest complete checkpoint under ``path`` (of a step below ``before``) whose tensors (weights,
+    EMA copies and optimizer states) are all finite, or ``None``: the one to resume from after a NaN."""
+    root = Path(path)
+    root = root / "checkpoints" if (root / "checkpoints").is_dir() else root
+    for ckpt in sorted(root.glob("step-*"), reverse=True):
+        try:
+            step = int(ckpt.name.split("-")[1])
+        except (IndexError, ValueError):
+            continue
+        if (before is not None and step >= before) or not (ckpt / "state.json").is_file():
+            continue
+        try:
+            if all(_finite_file(f) for f in sorted(ckpt.glob("*.safetensors"))):
+                return ckpt
+        except ValueError:  # unreadable: not a good checkpoint
+            continue
+    return None
+
+
+def _tensor_leaves(entry: Any) -> Iterator[Tensor]:
+    """The tensors in a history entry (a tensor, a number, or dicts/lists of them), in order."""
+    if torch.is_tensor(entry):
+        yield entry
+    elif isinstance(entry, dict):
+        for value in entry.values():
+            yield from _tensor_leaves(value)
+    elif isinstance(entry, (list, tuple)):
+        for value in entry:
+            yield from _tensor_leaves(value)
+
+
+def _as_numbers(entry: Any, values: Iterator[float]) -> Any:
+    """``entry`` with its tensors replaced by the next numbers of ``values`` (0-d: a float, else a list)."""
+    if torch.is_tensor(entry):
+        numbers = [next(values) for _ in range(entry.numel())]
+        return numbers[0] if entry.dim() == 0 else numbers
+    if isinstance(entry, dict):
+        return {k: _as_numbers(v, values) for k, v in entry.items()}
+    if isinstance(entry, (list, tuple)):
+        return type(entry)(_as_numbers(v, values) for v in entry)
+    return entry
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested JSON objects as ``{"a.b.c": leaf}`` (lists are leaves)."""
+    if not isinstance(obj, dict):
+        return {prefix: obj}
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _jsonable(obj: Any) -> Any:
+    """``obj`` as it reads back from state.json (tuples become lists, other objects strings)."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+class RunDirError(ValueError):
+    """The output folder cannot be used for this run: in use by another run, not writable, or holding an
+    older run that a fresh one would not replace."""
+
+
+class Preempted(SystemExit):
+    """Raised by :meth:`TrainingLoop.train` after SIGTERM, once the checkpoint of the current step is saved.
+
+    A ``SystemExit`` with status 143 (128 + SIGTERM), so that a script or the CLI ends cleanly and a
+    scheduler sees a preempted job; ``checkpoint`` is the saved directory, ``step`` its step.
+    """
+
+    def __init__(self, checkpoint: Path | None, step: int):
+        super().__init__(PREEMPTED_EXIT_CODE)
+        self.checkpoint, self.step = checkpoint, step
+
+
+class RunLock:
+    """An exclusive lock on a run folder: ``fcntl.flock`` on ``DIR/.scorekit.lock``, which holds the pid.
+
+    :meth:`acquire` raises :class:`RunDirError` naming the holder's pid when another process, or another
+    object in this one, holds it. The kernel drops the lock with its process, so a killed run (even by
+    SIGKILL) leaves no stale lock; :meth:`release` removes the file. :class:`TrainingLoop` holds it
+    during :meth:`~TrainingLoop.train` (and while saving a checkpoint), so that objects trained one after
+    the other on one folder in one process do not conflict. Where ``fcntl`` or the file system's locks
+    are missing the run goes on unlocked, with a warning.
+    """
+
+    name = ".scorekit.lock"
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        self.path = self.directory / self.name
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> RunLock:
+        if fcntl is None or self.held:
+            return self
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                mine = " (this process: another trainer object is running there)" if holder == str(os.getpid()) else ""
+                raise RunDirError(
+                    f"{self.directory} is in use by another run, pid {holder}{mine}: two runs writing one out_dir "
+                    f"would overwrite each other's checkpoints. Wait for that run to end or stop it, or choose "
+                    f"another out_dir (the lock is {self.path}; it is released when that run ends)") from None
+            except OSError as e:  # e.g. a network file system without locks
+                os.close(fd)
+                warnings.warn(f"cannot lock {self.path} ({e}); this run is not protected against a second run "
+                              "into the same out_dir", stacklevel=3)
+                return self
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the previous holder removed the file between our open and our lock: again
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # while still locked, so that no one locks the unlinked file
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __del__(self):
+        with contextlib.suppress(Exception):  # at interpreter exit the modules may be gone
+            self.release()
 
 
 def load_weights(path: str | os.PathLike, ema: bool = True) -> tuple[dict[str, Tensor], dict]:
@@ -166,7 +393,8 @@ class TrainingLoop:
     A subclass builds its networks with :meth:`make_optimizer` / :meth:`make_ema`, registers what a
     checkpoint holds with :meth:`track` (modules, optimizers, EMA copies, each saved as
     ``NAME.safetensors``), and implements :meth:`train_step`: one update, done through :meth:`optimize`
-    (NaN guard, backward, gradient clipping, warm-up, optimizer step), returning the history entry.
+    (backward, gradient norms and clipping, warm-up, optimizer step, NaN guard), returning the history
+    entry (numbers or device tensors: :meth:`read_back` turns them into numbers).
     :meth:`train` runs it ``config.steps`` times with EMA updates, callbacks ``cb(self)``, a progress bar and
     a checkpoint every ``config.checkpoint_every`` steps; per-process RNG state goes through
     :meth:`rank_state` / :meth:`load_rank_state`. ``config`` (kept as ``train_config``) is the
@@ -174,9 +402,26 @@ class TrainingLoop:
 
     Checkpoints go to ``out_dir/checkpoints/step-XXXXXXXX/``: every tracked object, ``rank-N.safetensors``
     per process (when there is rank state) and ``state.json`` (``format``, ``step``, ``world_size``,
-    ``history``, ``config``, ``meta``), written to a temporary directory and renamed; the ``keep_checkpoints``
-    newest are kept. :meth:`resume` restores all of it, so that a continued run is bit-for-bit the run that
-    was never interrupted. ``record`` is the config stored in ``state.json`` (default ``config``).
+    ``history``, ``config``, ``meta``, ``data``), written to a temporary directory ``.step-XXXXXXXX.<random>.tmp``,
+    fsynced and renamed; the ``keep_checkpoints`` newest are kept, and temporaries left by killed runs
+    are removed at the next save. :meth:`resume` restores all of it, so that a continued run is
+    bit-for-bit the run that was never interrupted; it refuses a checkpoint written for other data
+    (:meth:`data_signature`) and warns, naming the keys, when the config or ``meta`` differ. ``record``
+    is the config stored in ``state.json`` (default ``config``), as it was when the loop was built.
+
+    While :meth:`train` runs, the loop holds a :class:`RunLock` on ``out_dir`` (released when it returns
+    or raises, and by :meth:`close`); before the first step it creates and test-writes
+    ``out_dir/checkpoints`` and, with ``config.resume`` false, refuses an ``out_dir`` that already holds
+    checkpoints unless ``config.overwrite`` is true (then they are deleted). On SIGTERM (installed in the
+    main thread, during :meth:`train` only, with ``out_dir`` set) the step in progress is finished, its
+    checkpoint saved, and :class:`Preempted` (``SystemExit(143)``) is raised.
+
+    The NaN guard costs no host sync per step: the loss and gradient norms stay on the device, a
+    non-finite one makes the fused optimizer skip the update there, and they are read back every
+    ``config.log_every`` steps (100 when it is 0), before every checkpoint and at the end of
+    :meth:`train`, which then raises ``FloatingPointError`` naming the step and the last checkpoint whose
+    tensors are all finite; so no checkpoint holds a non-finite update. Between read-backs, the newest
+    ``history`` entries may still be device tensors.
     """
 
     checkpoint_format = FORMAT
@@ -197,6 +442,7 @@ class TrainingLoop:
     ):
         self.train_config = config
         self.record = record if record is not None else config
+        self._record_json = _jsonable(dataclasses.asdict(self.record))  # the config as the run was built
         if accelerator is None:
             from accelerate import Accelerator
 
@@ -213,6 +459,11 @@ class TrainingLoop:
         self.step = 0
         self.history: list = []
         self._resumed = False
+        self._started = False
+        self._pending: list[tuple[int, tuple[str, ...], Tensor]] = []  # (step, optimizer names, [loss, norms])
+        self._unread = 0  # history[:_unread] holds numbers only
+        self._lock: RunLock | None = None
+        self._stop_requested = False
 
     @property
     def device(self) -> torch.device:
@@ -224,13 +475,16 @@ class TrainingLoop:
 
     # -- building ------------------------------------------------------------------------------
     def make_optimizer(self, params: Iterable[nn.Parameter], lr: float | None = None) -> torch.optim.Optimizer:
-        """AdamW over ``params`` with the config's betas and weight decay, prepared for accelerate.
+        """AdamW over ``params`` with the config's betas and weight decay, prepared for accelerate; fused
+        where torch has the kernel (:func:`adamw_options`).
 
         ``lr=None`` follows ``config.lr`` as it is at each step (callbacks may change it); warm-up scales both.
         """
         cfg = self.train_config
         base = cfg.lr if lr is None else lr
-        opt = self.accelerator.prepare(torch.optim.AdamW(params, lr=base, betas=cfg.betas, weight_decay=cfg.weight_decay))
+        params = list(params)
+        opt = torch.optim.AdamW(params, lr=base, betas=cfg.betas, weight_decay=cfg.weight_decay, **adamw_options(params))
+        opt = self.accelerator.prepare(opt)
         self._base_lr[id(opt)] = lr
         return opt
 
@@ -261,6 +515,10 @@ class TrainingLoop:
     def tracked_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {k: v for k, v in self.tracked.items() if isinstance(v, torch.optim.Optimizer)}
 
+    def data_signature(self) -> dict:
+        """What a resume must find unchanged about the data (``{"n": ..., "shapes": ...}``); none by default."""
+        return {}
+
     # -- one update ----------------------------------------------------------------------------
     def train_step(self) -> Any:
         """One update (``self.step`` is the number done before it); returns the history entry."""
@@ -272,35 +530,103 @@ class TrainingLoop:
         lr = cfg.lr if base is None else base
         return lr * min(1.0, (self.step + 1) / cfg.warmup) if cfg.warmup else lr
 
-    def check_loss(self, loss: Tensor) -> Tensor:
-        """The mean of ``loss`` over processes; a non-finite one stops training before it is applied."""
-        value = self.accelerator.reduce(loss.detach().float(), reduction="mean")
-        if not torch.isfinite(value):
-            last = latest_checkpoint(self.out_dir) if self.out_dir is not None else None
-            where = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
-            raise FloatingPointError(f"{self.loss_name} is {value.item()} at {self.step_name} {self.step + 1}: "
-                                     f"training stopped before applying it; {where}. {self.advice}")
-        return value
+    def optimize(self, loss: Tensor, optimizers: Sequence[torch.optim.Optimizer]) -> Tensor:
+        """Backward, per-optimizer gradient norm and clipping, learning rate, step; returns the loss (mean over
+        processes) as a 0-d tensor on the device.
 
-    def optimize(self, loss: Tensor, optimizers: Sequence[torch.optim.Optimizer]) -> float:
-        """NaN guard, backward, per-optimizer gradient clipping, learning rate, step; returns the mean loss."""
+        The NaN guard: the loss and each optimizer's gradient norm (the norm ``clip_grad_norm_`` computes,
+        also with clipping off) are queued for :meth:`read_back`. Fused optimizers get a device-side
+        ``found_inf`` flag (as ``torch.amp.GradScaler`` passes it), so a non-finite loss or gradient skips
+        the update of all of ``optimizers`` without a host sync; any other optimizer is checked before its
+        step (one sync). Under fp16 loss scaling the scaler skips overflowing steps itself and only the
+        loss is guarded.
+        """
         acc, clip = self.accelerator, self.train_config.grad_clip
-        value = self.check_loss(loss)
+        value = loss.detach().float()
+        if acc.num_processes > 1:
+            value = acc.reduce(value, reduction="mean")
         acc.backward(loss)
-        if clip is not None:
-            # unscale (fp16) once for just these optimizers, then clip each one's parameters on their own
-            acc.unscale_gradients(list(optimizers))
-            for opt in optimizers:
-                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip)
-        for opt in optimizers:
+        scaled = acc.scaler is not None
+        names = {id(o): k for k, o in self.tracked.items()}
+        norms, normed = [], []
+        if scaled and clip is not None:
+            acc.unscale_gradients(list(optimizers))  # unscale (fp16) once for just these optimizers
+        if not scaled or clip is not None:
+            for opt in optimizers:  # each optimizer's parameters on their own
+                params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+                if not params:
+                    continue
+                if get_total_norm is None:  # pragma: no cover - torch < 2.6
+                    norm = torch.nn.utils.clip_grad_norm_(params, math.inf if clip is None else clip)
+                else:
+                    norm = get_total_norm([p.grad for p in params])
+                    if clip is not None:
+                        clip_grads_with_norm_(params, clip, norm)
+                if not scaled:
+                    norms.append(norm.to(device=value.device, dtype=value.dtype))
+                    normed.append(names.get(id(opt), "an untracked optimizer"))
+        check = torch.stack([value, *norms])
+        entry = (self.step + 1, tuple(normed), check)
+        inner = [getattr(opt, "optimizer", opt) for opt in optimizers]
+        on_device = not scaled and all(o.defaults.get("fused") and getattr(o, "_step_supports_amp_scaling", False)
+                                       for o in inner)
+        if not on_device:
+            self._raise_if_nonfinite([entry])  # before the step: nothing is applied
+        found = torch.logical_not(torch.isfinite(check).all()).float() if on_device else None
+        for opt, raw in zip(optimizers, inner):
             if id(opt) in self._base_lr:  # made by make_optimizer: warm-up and config.lr apply
                 lr = self.lr(self._base_lr[id(opt)])
                 for group in opt.param_groups:
                     group["lr"] = lr
-            opt.step()
+            if found is None:
+                opt.step()
+            else:
+                raw.found_inf, raw.grad_scale = found.to(_param_device(raw, found.device)), None
+                try:
+                    opt.step()
+                finally:
+                    del raw.found_inf, raw.grad_scale
+            if raw.defaults.get("fused"):
+                # the fused kernel updates the parameters in place without bumping their version counters, which
+                # code that caches on them relies on (SaRA's dense weight, autograd's saved-tensor checks)
+                _bump_versions([p for g in raw.param_groups for p in g["params"] if p.grad is not None])
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
-        return value.item()
+        self._pending.append(entry)
+        return value
+
+    def read_back(self) -> None:
+        """Read what the steps since the last call left on the device, in one host transfer: the new
+        ``history`` entries become numbers, and a non-finite loss or gradient norm raises
+        ``FloatingPointError`` naming the step and the last checkpoint whose tensors are all finite."""
+        start, entries, pending = self._unread, self.history[self._unread :], self._pending
+        self._pending, self._unread = [], len(self.history)
+        leaves = [t for e in entries for t in _tensor_leaves(e)] + [check for *_, check in pending]
+        if not leaves:
+            return
+        device = leaves[0].device
+        flat = torch.cat([t.detach().reshape(-1).to(device=device, dtype=torch.float64) for t in leaves])
+        values = iter(flat.tolist())
+        self.history[start:] = [_as_numbers(e, values) for e in entries]
+        self._raise_if_nonfinite([(step, names, [next(values) for _ in range(check.numel())])
+                                  for step, names, check in pending])
+
+    def _raise_if_nonfinite(self, checks: Iterable[tuple[int, tuple[str, ...], Any]]) -> None:
+        for step, names, check in checks:
+            values = check.tolist() if torch.is_tensor(check) else check
+            if all(math.isfinite(v) for v in values):
+                continue
+            loss, norms = values[0], values[1:]
+            if not math.isfinite(loss):
+                what = f"{self.loss_name} is {loss}"
+            else:
+                i = next(i for i, v in enumerate(norms) if not math.isfinite(v))
+                what = f"the gradient norm of {names[i]} is {norms[i]} (with a finite {self.loss_name} of {loss:.6g})"
+            last = last_finite_checkpoint(self.out_dir, before=step) if self.out_dir is not None else None
+            where = (f"the last good checkpoint is {last}" if last else
+                     "no checkpoint with finite tensors was written")
+            raise FloatingPointError(f"{what} at {self.step_name} {step}: training stopped without applying it; "
+                                     f"{where}. {self.advice}")
 
     def update_emas(self) -> None:
         """``update_ema`` of every tracked EMA copy towards its source, at the current step."""
@@ -318,26 +644,155 @@ class TrainingLoop:
         """Run until ``steps`` (default ``config.steps``) updates are done; returns the history."""
         cfg = self.train_config
         total = steps if steps is not None else cfg.steps
-        if self.out_dir is not None and cfg.resume and not self._resumed:
-            self.resume()
-        bar = tqdm(total=total, initial=self.step, disable=not (cfg.progress and self.is_main), desc=self.desc,
-                   dynamic_ncols=True)
-        while self.step < total:
-            entry = self.train_step()
-            self.step += 1
-            self.update_emas()
-            self.history.append(entry)
-            for cb in self.callbacks:
-                cb(self)
-            if cfg.log_every and self.step % cfg.log_every == 0:
-                bar.set_postfix(self.progress())
-            bar.update(1)
-            if self.out_dir is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+        every = cfg.log_every or READ_BACK_EVERY
+        with self._running():
+            bar = tqdm(total=total, initial=self.step, disable=not (cfg.progress and self.is_main), desc=self.desc,
+                       dynamic_ncols=True)
+            try:
+                while self.step < total:
+                    entry = self.train_step()
+                    self.step += 1
+                    self.update_emas()
+                    self.history.append(entry)
+                    for cb in self.callbacks:
+                        cb(self)
+                    if self.step % every == 0:
+                        self.read_back()
+                        if cfg.log_every:
+                            bar.set_postfix(self.progress())
+                    bar.update(1)
+                    if self.out_dir is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                        self.save_checkpoint()
+                    if self._preempted():
+                        self._stop_preempted()
+            finally:
+                bar.close()
+            self.read_back()
+            if self.out_dir is not None and self._latest_step() != self.step:
                 self.save_checkpoint()
-        bar.close()
-        if self.out_dir is not None and self._latest_step() != self.step:
-            self.save_checkpoint()
         return self.history
+
+    @contextlib.contextmanager
+    def _running(self) -> Iterator[None]:
+        """The life of a :meth:`train` call: the output folder checked, the run lock and the SIGTERM handler
+        held, and on the first call the fresh-start check or the resume."""
+        if self.out_dir is None:
+            self._started = True
+            yield
+            return
+        self._prepare_out_dir()
+        with self._holding_lock(), self._sigterm_handler():
+            if not self._started:
+                self._started = True
+                if self.train_config.resume:
+                    if not self._resumed:
+                        self.resume()
+                else:
+                    self._fresh_start()
+            yield
+
+    def _prepare_out_dir(self) -> None:
+        """Create and test-write ``out_dir/checkpoints`` before the first step: a file in the way or a
+        read-only place fails now, not at the first checkpoint."""
+        if not self.is_main:
+            return
+        out, root = self.out_dir, self.out_dir / "checkpoints"
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=root)
+            os.close(fd)
+            os.remove(probe)
+        except (FileExistsError, NotADirectoryError) as e:
+            raise RunDirError(f"out_dir {out} cannot hold checkpoints: {e.filename} or a folder above it is a "
+                              "file, not a folder; move the file away or choose another out_dir") from e
+        except PermissionError as e:
+            raise RunDirError(f"out_dir {out} is not writable ({e.filename}: permission denied), so no checkpoint "
+                              "could be saved; choose a writable out_dir or change its permissions") from e
+        except OSError as e:
+            raise RunDirError(f"out_dir {out}: cannot write checkpoints there ({e}); choose another out_dir") from e
+
+    @contextlib.contextmanager
+    def _holding_lock(self) -> Iterator[None]:
+        """The run lock on ``out_dir`` for the block (main process only; re-entrant)."""
+        if self._lock is not None or self.out_dir is None or not self.is_main:
+            yield
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = RunLock(self.out_dir).acquire()
+        try:
+            yield
+        finally:
+            self._lock.release()
+            self._lock = None
+
+    def close(self) -> None:
+        """Release the run lock if this object holds it (it does only inside :meth:`train`)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def _fresh_start(self) -> None:
+        """``resume: false``: refuse an ``out_dir`` holding checkpoints (a fresh run would leave the older
+        run's newest checkpoint as the newest), or delete them with ``overwrite: true``."""
+        root = self.out_dir / "checkpoints"
+        old = sorted(root.glob("step-*")) if root.is_dir() else []
+        self.accelerator.wait_for_everyone()  # every process has looked before any deletes
+        if old and not self.train_config.overwrite:
+            raise RunDirError(
+                f"{root} already holds checkpoints (newest {old[-1].name}) and training.resume is false: a fresh "
+                "run there would leave them in place, and sample, likelihood, distill --teacher and the next resume "
+                "would pick up the old run's newest checkpoint. Set training.overwrite: true (the override "
+                "training.overwrite=true, or TrainConfig(overwrite=True)) to delete them and start over, "
+                "training.resume: true to continue that run, or choose another out_dir.")
+        if old and self.is_main:
+            for ckpt in old:
+                shutil.rmtree(ckpt)
+            remove_stale_temporaries(root)
+        self.accelerator.wait_for_everyone()
+
+    @contextlib.contextmanager
+    def _sigterm_handler(self) -> Iterator[None]:
+        """SIGTERM asks for a stop at the end of the current step (main thread only; restored after)."""
+        self._stop_requested = False
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum, frame):
+            self._stop_requested = True
+
+        previous = signal.signal(signal.SIGTERM, request_stop)
+        handled = False
+        try:
+            yield
+        except Preempted:
+            handled = True
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+            if self._stop_requested and not handled:  # it came after the last step's check: deliver it now
+                signal.raise_signal(signal.SIGTERM)
+
+    def _preempted(self) -> bool:
+        if self.out_dir is None:
+            return False
+        if self.accelerator.num_processes == 1:
+            return self._stop_requested
+        # every process stops at the same step, whichever got the signal
+        flag = torch.tensor(float(self._stop_requested), device=self.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum") > 0)
+
+    def _stop_preempted(self) -> None:
+        self.read_back()
+        ckpt = self.save_checkpoint() if self._latest_step() != self.step else latest_checkpoint(self.out_dir)
+        if self.is_main:
+            print(f"{self.desc}: SIGTERM received; saved {ckpt} ({self.step_name} {self.step}); run again with the "
+                  "same out_dir and resume on to continue from there", file=sys.stderr, flush=True)
+        raise Preempted(ckpt, self.step)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def rank_state(self) -> dict[str, Tensor]:
@@ -351,46 +806,65 @@ class TrainingLoop:
         ckpt = latest_checkpoint(self.out_dir)
         return -1 if ckpt is None else int(ckpt.name.split("-")[1])
 
+    def _shared_path(self, path: Path | None) -> Path:
+        """The main process's ``path``, on every process."""
+        if self.accelerator.num_processes == 1:
+            return path
+        from accelerate.utils import broadcast_object_list
+
+        box = [str(path) if self.is_main else None]
+        broadcast_object_list(box)
+        return Path(box[0])
+
     def save_checkpoint(self) -> Path:
-        """Write ``out_dir/checkpoints/step-XXXXXXXX`` atomically (temp dir, then rename) and prune old ones."""
+        """Write ``out_dir/checkpoints/step-XXXXXXXX`` atomically (a per-process temporary directory, fsynced,
+        then renamed), after :meth:`read_back` (a non-finite step raises instead), and prune old ones."""
         if self.out_dir is None:
             raise ValueError(f"this {type(self).__name__} has no out_dir; pass out_dir=... to save checkpoints")
+        self.read_back()
         acc = self.accelerator
         root = self.out_dir / "checkpoints"
         final = root / f"step-{self.step:08d}"
-        tmp = root / f".step-{self.step:08d}.tmp"
-        if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        rank = self.rank_state()
-        if rank:
-            save_tensors(rank, tmp / f"rank-{acc.process_index}.safetensors")
-        acc.wait_for_everyone()
-        if self.is_main:
-            for name, module in self.tracked_modules().items():
-                save_tensors(module.state_dict(), tmp / f"{name}.safetensors")
-            for name, opt in self.tracked_optimizers().items():
-                tensors, rest = optimizer_to_tensors(opt.state_dict())
-                save_tensors(tensors, tmp / f"{name}.safetensors", rest)
-            state = {
-                "format": self.checkpoint_format,
-                "step": self.step,
-                "world_size": acc.num_processes,
-                "history": self.history,
-                "config": dataclasses.asdict(self.record),
-                "meta": self.meta,
-            }
-            save_json(state, tmp / "state.json")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            prune_checkpoints(root, self.train_config.keep_checkpoints, final)
+        with self._holding_lock():
+            with contextlib.ExitStack() as publish:
+                tmp = None
+                if self.is_main:
+                    remove_stale_temporaries(root)  # under the lock: only killed runs leave these
+                    remove_stale_temporaries(self.out_dir, min_age=3600)
+                    tmp = publish.enter_context(atomic_dir(final))  # fsync and rename on leaving
+                tmp = self._shared_path(tmp)
+                rank = self.rank_state()
+                if rank:
+                    save_tensors(rank, tmp / f"rank-{acc.process_index}.safetensors")
+                acc.wait_for_everyone()
+                if self.is_main:
+                    for name, module in self.tracked_modules().items():
+                        save_tensors(module.state_dict(), tmp / f"{name}.safetensors")
+                    for name, opt in self.tracked_optimizers().items():
+                        tensors, rest = optimizer_to_tensors(opt.state_dict())
+                        save_tensors(tensors, tmp / f"{name}.safetensors", rest)
+                    state = {
+                        "format": self.checkpoint_format,
+                        "step": self.step,
+                        "world_size": acc.num_processes,
+                        "history": self.history,
+                        "config": self._record_json,
+                        "meta": self.meta,
+                        "data": self.data_signature(),
+                    }
+                    save_json(state, tmp / "state.json")
+            if self.is_main:
+                prune_checkpoints(root, self.train_config.keep_checkpoints, final)
         acc.wait_for_everyone()
         return final
 
     def resume(self, path: str | os.PathLike | None = None) -> bool:
-        """Restore the newest checkpoint under ``path`` (default ``out_dir``); returns whether one was found."""
+        """Restore the newest checkpoint under ``path`` (default ``out_dir``); returns whether one was found.
+
+        A checkpoint written for other data (:meth:`data_signature`) or by another number of processes is
+        refused; a changed config or ``meta`` (learning rate, seed, data set, ...) is warned about, naming
+        the keys.
+        """
         self._resumed = True
         path = path if path is not None else self.out_dir
         found = None if path is None else read_checkpoint(path, self.checkpoint_format, self.checkpoint_kind)
@@ -398,7 +872,13 @@ class TrainingLoop:
             return False
         ckpt, state = found
         acc = self.accelerator
-        written_by = state.get("world_size", acc.num_processes)
+        where = ckpt / "state.json"
+        step = non_negative_int(meta_field(state, "step", where, "state"), f"{where}: step")
+        written_by = positive_int(meta_field(state, "world_size", where, "state"), f"{where}: world_size")
+        history = meta_field(state, "history", where, "state")
+        if not isinstance(history, list):
+            raise ValueError(f"{where}: history must be a list (one entry per step), got a {type(history).__name__}; "
+                             f"the checkpoint is corrupt: delete {ckpt} to resume from the one before it")
         if written_by != acc.num_processes:
             raise ValueError(
                 f"{ckpt} was written by {written_by} processes but this run has {acc.num_processes}; "
@@ -407,13 +887,81 @@ class TrainingLoop:
         for name, module in self.tracked_modules().items():
             tensors, _ = load_tensors(ckpt / f"{name}.safetensors", self.device)
             load_state_checked(module, tensors, ckpt / f"{name}.safetensors")
+        self._check_same_run(ckpt, state)  # a model mismatch is named first
         for name, opt in self.tracked_optimizers().items():
-            tensors, rest = load_tensors(ckpt / f"{name}.safetensors", self.device)
-            opt.load_state_dict(optimizer_from_tensors(tensors, rest))
+            file = ckpt / f"{name}.safetensors"
+            tensors, rest = load_tensors(file, self.device)
+            try:
+                meta_field(rest, "param_groups", file)
+                opt.load_state_dict(optimizer_from_tensors(tensors, rest))
+            except (ValueError, KeyError, IndexError, TypeError) as e:
+                raise ValueError(f"{file} does not match the optimizer {name!r} ({e}); the checkpoint was written "
+                                 "for other parameters") from e
+            _keep_implementation(opt)
         if self.rank_state():
             self.load_rank_state(load_tensors(ckpt / f"rank-{acc.process_index}.safetensors")[0])
-        self.step, self.history = state["step"], list(state["history"])
+        self.step, self.history = step, list(history)
+        self._pending, self._unread = [], len(self.history)
         return True
+
+    def _check_same_run(self, ckpt: Path, state: dict) -> None:
+        """Refuse a checkpoint of other data; warn about a changed config or meta, naming the keys."""
+        saved, now = state.get("data"), _jsonable(self.data_signature())
+        if saved and now and saved != now:
+            raise ValueError(
+                f"{ckpt} was written for other data ({_describe_data(saved)}) than this run has ({_describe_data(now)}): "
+                "the data order it holds cannot continue on these data. Resume with the data the run began with, "
+                "or start a fresh run (training.resume: false with training.overwrite: true, or another out_dir)")
+        before = _flatten({"config": state.get("config", {}), "meta": state.get("meta", {})})
+        after = _flatten(_jsonable({"config": self._record_json, "meta": self.meta}))
+        missing = object()
+        changed = [key for key in sorted(before.keys() | after.keys())
+                   if before.get(key, missing) != after.get(key, missing)
+                   and key.rsplit(".", 1)[-1] not in RESUMABLE_CHANGES and ".sampling." not in f".{key}"]
+        if changed:
+            def show(table, key):
+                return repr(table[key]) if key in table else "(absent)"
+
+            diffs = ", ".join(f"{key.removeprefix('config.').removeprefix('meta.')} {show(before, key)} -> "
+                              f"{show(after, key)}" for key in changed[:8])
+            more = f" and {len(changed) - 8} more" if len(changed) > 8 else ""
+            warnings.warn(
+                f"resuming {ckpt} with a configuration that differs from the one it was written with: {diffs}{more}. "
+                "The continued run is not the one those checkpoints began; to start over instead, set "
+                "training.resume: false with training.overwrite: true, or choose another out_dir.", stacklevel=3)
+
+
+def _describe_data(sig: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sig.items())
+
+
+def _bump_versions(tensors: list[Tensor]) -> None:
+    try:
+        torch.autograd.graph.increment_version(tensors)
+    except TypeError:  # pragma: no cover - torch < 2.5 takes one tensor
+        for t in tensors:
+            torch.autograd.graph.increment_version(t)
+
+
+def _param_device(optimizer: torch.optim.Optimizer, default: torch.device) -> torch.device:
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            return p.device
+    return default
+
+
+def _keep_implementation(opt: torch.optim.Optimizer) -> None:
+    """After ``load_state_dict``: the param groups keep this optimizer's fused/foreach choice (a checkpoint
+    of another one would replace it), and a fused optimizer's step counts sit on the parameters' device."""
+    raw = getattr(opt, "optimizer", opt)
+    for group in raw.param_groups:
+        for key in ("fused", "foreach"):
+            if key in raw.defaults:
+                group[key] = raw.defaults[key]
+    if raw.defaults.get("fused"):
+        for p, state in raw.state.items():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
 
 
 class Trainer(TrainingLoop):
@@ -492,26 +1040,33 @@ class Trainer(TrainingLoop):
     # -- one step ------------------------------------------------------------------------------
     def _next_batch(self):
         bs = self.config.batch_size
-        idx = []
-        while len(idx) < bs:
+        chunks, got = [], 0
+        while got < bs:
             if self._pos >= self.n:
                 self._perm = torch.randperm(self.n, generator=self._data_generator)
                 self._pos = 0
-            take = self._perm[self._pos : self._pos + bs - len(idx)]
+            take = self._perm[self._pos : self._pos + bs - got]
             self._pos += len(take)
-            idx.extend(take.tolist())
-        idx_t = torch.tensor(idx, device=self.accelerator.device)
-        batch = tuple(d[idx_t] for d in self.data)
+            got += len(take)
+            chunks.append(take)
+        idx = (chunks[0] if len(chunks) == 1 else torch.cat(chunks)).to(self.accelerator.device, non_blocking=True)
+        batch = tuple(d[idx] for d in self.data)
         return batch[0] if self._single else batch
 
-    def train_step(self) -> float:
+    def data_signature(self) -> dict:
+        return {"n": self.n, "shapes": [list(d.shape[1:]) for d in self.data]}
+
+    def train_step(self) -> Tensor:
         batch = self._next_batch()
         with self.accelerator.autocast():
             loss = self.loss_fn(self.model, batch, self.generator)
         return self.optimize(loss, [self.optimizer])
 
     def train(self, steps: int | None = None) -> list[float]:
-        """Run until ``steps`` (default ``config.steps``) optimizer steps are done; returns the loss history."""
+        """Run until ``steps`` (default ``config.steps``) optimizer steps are done; returns the loss history.
+
+        The history is read back from the device every ``config.log_every`` steps (see
+        :class:`TrainingLoop`): a callback may find the newest entries as 0-d tensors."""
         self.model.train()
         return super().train(steps)
 
@@ -525,6 +1080,10 @@ class Trainer(TrainingLoop):
         }
 
     def load_rank_state(self, state: dict[str, Tensor]) -> None:
+        if state["perm"].numel() != self.n:  # checkpoints without a data signature
+            raise ValueError(f"the checkpoint's data order covers {state['perm'].numel()} samples but this run has "
+                             f"{self.n}: resume with the data the run began with, or start a fresh run "
+                             "(training.resume: false with training.overwrite: true, or another out_dir)")
         self.generator.set_state(state["generator"])
         self._data_generator.set_state(state["data_generator"])
         self._perm, self._pos = state["perm"], int(state["pos"])

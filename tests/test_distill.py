@@ -358,6 +358,31 @@ def test_nan_loss_stops_training_with_a_clear_error():
         fd.train()
 
 
+class NaNGradient(nn.Module):
+    """A linear generator whose output is finite but whose weight gradient is NaN (0 * inf)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(2, 2).double()
+
+    def forward(self, z):
+        return self.linear(z) + torch.sqrt((self.linear.weight * 0).sum())
+
+
+def test_nan_generator_gradients_stop_training_naming_the_optimizer(tmp_path):
+    teacher = tiny_teacher()
+    cfg = DistillConfig(critic_steps=1, gan_weight=0.0, training=DistillTrainConfig(steps=3, progress=False,
+                                                                                      checkpoint_every=1))
+    fd = FDistill(teacher, teacher.sde, NaNGradient(), config=cfg, fake_score=perturbed_copy(teacher), data_shape=(2,),
+                  out_dir=tmp_path)
+    with pytest.raises(FloatingPointError, match=r"the gradient norm of optimizer_generator is nan \(with a finite "
+                       r"f-distill loss of .*\) at generator step 1: training stopped without applying it; no "
+                       r"checkpoint with finite tensors was written"):
+        fd.train()
+    assert not (tmp_path / "checkpoints" / "step-00000001").exists()
+    assert torch.isfinite(fd.unwrapped_generator.linear.weight).all()
+
+
 # -- checkpoints, resume, save/load ------------------------------------------------------------------
 def small_run(out_dir, steps, callbacks=()):
     teacher = tiny_teacher()

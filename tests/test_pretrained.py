@@ -9,16 +9,15 @@ from diffusers import (
     DDIMScheduler,
     DDPMPipeline,
     DDPMScheduler,
-    EulerDiscreteScheduler,
     ScoreSdeVePipeline,
     ScoreSdeVeScheduler,
     UNet2DModel,
 )
 from safetensors.torch import save_file
 
-from scorekit import VESDE, VPSDE, ScoreModel, from_diffusers, save_diffusers
+from scorekit import VESDE, VPSDE, DiscreteVPSDE, ScoreModel, from_diffusers, save_diffusers
 from scorekit.nets import MLP, make_unet
-from scorekit.pretrained import DDPMScoreModel
+from scorekit.pretrained import PretrainedScoreModel
 
 N = 40  # training steps of the tiny schedulers
 
@@ -54,23 +53,24 @@ def test_ddpm_dir_score_times_std_is_minus_eps(ddpm_dir):
     model = from_diffusers(ddpm_dir)
     sched = DDPMScheduler.from_pretrained(ddpm_dir / "scheduler")
     unet = model.net
-    assert isinstance(model, DDPMScoreModel) and isinstance(model, ScoreModel)
-    assert isinstance(model.sde, VPSDE) and model.sde.N == N
-    assert model.sde.beta_min == pytest.approx(0.1 / N * N) and model.sde.beta_max == pytest.approx(20.0)
-    torch.testing.assert_close(model.sde.discrete_betas(), sched.betas.double(), rtol=1e-6, atol=0)
-    # every step k, with t = k / (N - 1) as float32 (where t (N - 1) may round below k)
+    assert isinstance(model, PretrainedScoreModel) and isinstance(model, ScoreModel)
+    assert isinstance(model.sde, DiscreteVPSDE) and model.sde.N == N
+    torch.testing.assert_close(model.sde.discrete_betas(), sched.betas.double(), rtol=1e-5, atol=0)
+    # every step k sits at t = (k + 1) / N, also as float32
     k = torch.arange(N)
-    t = k.float() / (N - 1)
+    t = (k + 1).float() / N
     x = torch.randn(N, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         score = model(x, t)
         eps = unet(x, k).sample
     std = (1 - sched.alphas_cumprod[k]).sqrt()[:, None, None, None]
     torch.testing.assert_close(score * std, -eps, rtol=1e-5, atol=1e-5)
-    # between grid points the step is truncated, as in score_sde: t just below (k+1)/(N-1) uses std_k
-    t_mid = (k[:-1].double() + 0.9) / (N - 1)
+    # between steps the network sees the fractional timestep and the table's interpolated std
+    t_mid = (k[:-1].double() + 1.5) / N
+    torch.testing.assert_close(model.network_time(t_mid), k[:-1].double() + 0.5)
     coeff = model.coeffs(t_mid)[1]
-    torch.testing.assert_close(coeff, (1 - sched.alphas_cumprod[k[:-1]].double()).sqrt())
+    lo, hi = (1 - sched.alphas_cumprod[k[:-1]].double()).sqrt(), (1 - sched.alphas_cumprod[k[1:]].double()).sqrt()
+    assert bool(((coeff > lo) & (coeff < hi)).all())
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
@@ -81,12 +81,13 @@ def test_prediction_types_match_diffusers_x0(prediction_type):
     assert model.prediction == {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}[prediction_type]
     x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     sched.set_timesteps(N)
-    # diffusers keeps its table in float32 and takes sqrt(abar) there; the comparison is of the formulas
-    sched.alphas_cumprod = sched.alphas_cumprod.double()
+    # diffusers keeps its table in float32 and takes sqrt(abar) there; the comparison is of the formulas, on
+    # the table scorekit reads (cumprod(1 - betas) in float64)
+    sched.alphas_cumprod = torch.cumprod(1 - sched.betas.double(), 0)
     for k in (N - 1, 17, 1):
         with torch.no_grad():
             out = unet(x, k).sample
-            score = model(x, torch.full((3,), k / (N - 1), dtype=torch.float64))
+            score = model(x, torch.full((3,), (k + 1) / N, dtype=torch.float64))
         ref = sched.step(out, k, x).pred_original_sample
         ours = x0_from_score(score, x, sched.alphas_cumprod[[k] * 3])
         torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
@@ -116,7 +117,7 @@ def test_learned_time_embedding_gets_integer_steps():
     k = torch.tensor([5, 39])
     std = (1 - ddpm_scheduler().alphas_cumprod[k]).sqrt()[:, None, None, None]
     with torch.no_grad():
-        torch.testing.assert_close(model(x, k / (N - 1)) * std, -unet(x, k).sample, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(x, (k + 1) / N) * std, -unet(x, k).sample, rtol=1e-5, atol=1e-5)
 
 
 # -- VE: ScoreSdeVe pipelines ------------------------------------------------------------------------
@@ -155,9 +156,10 @@ def test_save_diffusers_writes_the_ddpm_discretization(tmp_path, prediction, pre
     torch.testing.assert_close(pipe.scheduler.betas.double(), sde.discrete_betas(), rtol=1e-6, atol=0)
     for name, value in model.net.state_dict().items():
         torch.testing.assert_close(pipe.unet.state_dict()[name], value, rtol=0, atol=0)
-    # a model loaded back has the same SDE and writes the same scheduler again
+    # a model loaded back has the SDE of that table and writes the same scheduler again
     loaded = from_diffusers(tmp_path / "saved")
-    assert loaded.sde == sde and loaded.prediction == prediction
+    assert loaded.sde == DiscreteVPSDE(torch.cumprod(1 - pipe.scheduler.betas.double(), 0))
+    assert loaded.prediction == prediction
     save_diffusers(loaded, tmp_path / "again")
     again = json.loads((tmp_path / "again" / "scheduler" / "scheduler_config.json").read_text())
     assert {k: again[k] for k in ("beta_start", "beta_end", "num_train_timesteps", "prediction_type")} == {
@@ -191,7 +193,7 @@ def test_ddpm_pipeline_samples_what_our_score_implies(tmp_path, prediction):
     with torch.no_grad():
         for k in range(N - 1, -1, -1):
             beta, abar = sched.betas[k].double(), sched.alphas_cumprod[k].double()
-            score = model(x, torch.full((2,), k / (N - 1))).double()
+            score = model(x, torch.full((2,), (k + 1) / N)).double()
             x_next = (x.double() + beta * score) / (
                 1 - beta
             ).sqrt()  # DDPM eq. (11), eps = -sqrt(1 - abar) score
@@ -225,14 +227,9 @@ def test_save_diffusers_refuses_what_ddpm_cannot_express(tmp_path):
 @pytest.mark.parametrize(
     "scheduler, match",
     [
-        (lambda: ddpm_scheduler(beta_schedule="scaled_linear"), r"beta_schedule='scaled_linear'.*linear"),
-        (lambda: ddpm_scheduler(beta_schedule="squaredcos_cap_v2"), r"squaredcos_cap_v2.*supported are"),
-        (lambda: DDPMScheduler(num_train_timesteps=4, trained_betas=[0.1, 0.2, 0.3, 0.4]), "trained_betas"),
-        (lambda: ddpm_scheduler(variance_type="learned_range"), "variance"),
-        (
-            lambda: EulerDiscreteScheduler(num_train_timesteps=N),
-            r"EulerDiscreteScheduler is not supported.*DDPMScheduler",
-        ),
+        (lambda: object(), r"scheduler object is not supported.*carries betas"),
+        (lambda: type("NoBetas", (), {"config": {}})(), r"NoBetas is not supported: it has no betas"),
+        (lambda: ddpm_scheduler(prediction_type="flow"), "prediction_type='flow'"),
     ],
 )
 def test_unsupported_schedulers_are_refused(scheduler, match):
@@ -287,9 +284,9 @@ def test_corrupt_and_foreign_files_are_refused(tmp_path, ddpm_dir):
 
     foreign = _copy_pipeline(ddpm_dir, tmp_path / "foreign")
     index = json.loads((foreign / "model_index.json").read_text())
-    index["scheduler"] = ["diffusers", "PNDMScheduler"]
+    index["scheduler"] = ["diffusers", "NoSuchScheduler"]
     (foreign / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match="PNDMScheduler, which is not supported.*ScoreSdeVeScheduler"):
+    with pytest.raises(ValueError, match="NoSuchScheduler, which this diffusers does not have.*ScoreSdeVeScheduler"):
         from_diffusers(foreign)
 
     broken_config = _copy_pipeline(ddpm_dir, tmp_path / "broken_config")

@@ -2,6 +2,11 @@
 
 import copy
 import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -387,6 +392,8 @@ def test_sara_on_a_diffusers_unet_score_model(tmp_path):
         (dict(), "exactly one of threshold=.*neither given"),
         (dict(fraction=0.1, rank_lambda=-1.0), "rank_lambda must be >= 0"),
         (dict(fraction=0.1, progressive_step=0), "progressive_step must be a positive"),
+        (dict(fraction=0.1, progressive_step=2.5), "progressive_step must be a positive integer"),
+        (dict(fraction=0.1, progressive_step=True), "progressive_step must be a positive integer"),
     ],
 )
 def test_bad_config(kwargs, match):
@@ -461,13 +468,19 @@ def base_run(tmp_path_factory):
     return root / "run"
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def finetune_args(base, out, *extra, method="sara"):
+    return ["finetune", "--config", str(ROOT / "configs/finetune_sara.yaml"), "--base", str(base), "--out_dir",
+            str(out), "--method", method, "training.batch_size=16", "training.progress=false",
+            "sara.progressive_step=3", "training.checkpoint_every=2", *extra]
+
+
 def finetune(base, out, *extra, method="sara"):
     from scorekit.cli import main
 
-    args = ["finetune", "--config", "configs/finetune_sara.yaml", "--base", str(base), "--out_dir", str(out),
-            "--method", method, "training.batch_size=16", "training.progress=false", "sara.progressive_step=3",
-            "training.checkpoint_every=2", *extra]
-    assert main(args) == 0
+    assert main(finetune_args(base, out, *extra, method=method)) == 0
 
 
 # With a threshold the re-selection shrinks the trainable set (new Parameters); with a fraction it keeps its size.
@@ -535,3 +548,109 @@ def test_lora_budget_caps_the_rank_of_narrow_modules():
     assert all(m.scaling["default"] == 1.0 for m in layers.values())
     x, _ = batch()
     torch.testing.assert_close(model(x), base(x))  # LoRA's B starts at zero
+
+
+THRESHOLD = ("sara.fraction=null", "sara.threshold=0.02", "training.lr=0.01")
+
+# Runs `scorekit finetune` (argv[3:]) in a fresh process: SIGKILLs itself after step argv[1] (0: never), else
+# each rank saves its own (not the EMA) adapter as argv[2]/rank-N.safetensors.
+DRIVER = """
+import os, signal, sys
+import scorekit.finetune as ft
+from scorekit.cli import main
+from scorekit.sara import save_sara
+
+kill_at, out = int(sys.argv[1]), sys.argv[2]
+original, made = ft.make_finetune_trainer, []
+
+def make(*args, **kwargs):
+    trainer, summary = original(*args, **kwargs)
+    if kill_at:
+        trainer.callbacks.append(lambda t: t.step == kill_at and os.kill(os.getpid(), signal.SIGKILL))
+    made.append(trainer)
+    return trainer, summary
+
+ft.make_finetune_trainer = make
+assert main(sys.argv[3:]) == 0
+save_sara(made[0].unwrapped, f"{out}/rank-{made[0].accelerator.process_index}.safetensors")
+"""
+
+
+def run_driver(tmp_path, kill_at, out, argv, launcher=()):
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SCOREKIT_TEST_THREADS": "1"}
+    cmd = [sys.executable, *launcher, str(script), str(kill_at), str(out), *argv]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def tensors_equal(a, b):
+    from scorekit.checkpoint import load_tensors
+
+    a, b = load_tensors(a)[0], load_tensors(b)[0]
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("kill_at", [3, 5], ids=["right-after-reselection", "after-its-checkpoint"])
+def test_finetune_killed_mid_run_resumes_bit_for_bit(base_run, tmp_path, kill_at):
+    """A `kill -9` (after step 3, the re-selection, before its checkpoint at 4; or after step 5), then the same
+    command again: the run ends exactly as the one never interrupted, adapter, merged model and optimizer alike."""
+    finetune(base_run, tmp_path / "once", "training.steps=6", *THRESHOLD)
+    argv = finetune_args(base_run, tmp_path / "killed", "training.steps=6", *THRESHOLD)
+    killed = run_driver(tmp_path, kill_at, tmp_path / "killed", argv)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (tmp_path / "killed" / "adapter.safetensors").exists()
+    finetune(base_run, tmp_path / "killed", "training.steps=6", *THRESHOLD)
+    once, resumed = tmp_path / "once", tmp_path / "killed"
+    for rel in ("adapter.safetensors", "adapter/adapter_model.safetensors", "merged/model.safetensors",
+                "merged/ema.safetensors", "checkpoints/step-00000006/optimizer.safetensors"):
+        assert tensors_equal(once / rel, resumed / rel), rel
+
+
+def test_finetune_under_torchrun_two_processes_keeps_the_ranks_identical(base_run, tmp_path):
+    """Two CPU processes (gloo), the threshold rule and a progressive step: the re-selection replaces Parameters,
+    and both ranks still end with the same adapter, the one in the final checkpoint."""
+    from scorekit.checkpoint import load_json, load_tensors
+
+    out = tmp_path / "ddp"
+    argv = finetune_args(base_run, out, "training.steps=6", *THRESHOLD)
+    done = run_driver(tmp_path, 0, out, argv, launcher=("-m", "torch.distributed.run", "--standalone",
+                                                         "--nproc_per_node", "2"))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    state = load_json(out / "checkpoints" / "step-00000006" / "state.json")
+    assert state["world_size"] == 2
+    assert tensors_equal(out / "rank-0.safetensors", out / "rank-1.safetensors")
+    rank0, _ = load_tensors(out / "rank-0.safetensors")
+    assert any(v.numel() for k, v in rank0.items() if k.endswith("sara_fixed_indices")), "no re-selection happened"
+    final, _ = load_tensors(out / "checkpoints" / "step-00000006" / "model.safetensors")
+    for key, value in rank0.items():
+        assert torch.equal(final[key], value), key
+
+
+@pytest.mark.parametrize("override, match", [
+    ("lora.r=0", r"lora: r must be a positive integer \(the LoRA rank; null = match SaRA's trainable budget\), got 0"),
+    ("lora.dropout=1.0", r"lora: dropout must lie in \[0, 1\)"),
+    ("sara.progressive_step=6", r"sara.progressive_step=6 is not below training.steps=6"),
+    ("sara.progressive_step=2.5", r"progressive_step: expected an integer, got 2.5"),
+])
+def test_finetune_config_refuses_bad_numbers(base_run, tmp_path, capsys, override, match):
+    import re
+
+    from scorekit.cli import main
+
+    method = "lora" if "lora" in override else "sara"
+    assert main(finetune_args(base_run, tmp_path / "bad", "training.steps=6", override, method=method)) == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_finetune_config_checks_in_code():
+    from scorekit.finetune import FinetuneConfig, LoRASection
+    from scorekit.training import TrainConfig
+
+    with pytest.raises(ValueError, match="r must be a positive integer"):
+        LoRASection(r=0)
+    with pytest.raises(ValueError, match="progressive_step=10 is not below training.steps=10"):
+        FinetuneConfig(training=TrainConfig(steps=10), sara=SaRAConfig(fraction=0.1, progressive_step=10))
+    # LoRA and full fine-tuning do not re-select: the SaRA section only sizes LoRA's budget there
+    FinetuneConfig(method="lora", training=TrainConfig(steps=10), sara=SaRAConfig(fraction=0.1, progressive_step=10))

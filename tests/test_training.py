@@ -202,7 +202,10 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
     with pytest.raises(FloatingPointError, match=r"loss is nan at step 13.*last good checkpoint is .*step-00000010"):
         trainer.train()
     assert latest_checkpoint(tmp_path).name == "step-00000010"
-    assert trainer.step == 12
+    # the flags are read back before the checkpoint of step 15, which is then not written; the NaN update
+    # of step 13 was skipped on the device
+    assert trainer.step == 15
+    assert all(torch.isfinite(p).all() for p in trainer.unwrapped.parameters())
 
 
 def test_checkpoints_are_never_unpickled(tmp_path):

@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_distill_config(args)
     if cfg.teacher is None:
         raise ValueError("no teacher: pass --teacher RUN_DIR (a `scorekit train` output) or set teacher: in the config")
+    torch.manual_seed(cfg.distill.training.seed)  # before anything is built, as train and finetune do
     teacher, teacher_cfg = load_score_model(cfg.teacher, ema=cfg.teacher_ema)
     x, _ = build_data(cfg.data)
     meta = {"teacher": str(cfg.teacher), "teacher_run_config": to_dict(teacher_cfg), "distill_config": to_dict(cfg)}

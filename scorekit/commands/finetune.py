@@ -12,8 +12,10 @@ EMA, atomic checkpoints that resume):
 
 Outputs in ``out_dir``: the trainer's ``checkpoints/``, ``merged/`` (a plain checkpoint with the EMA
 weights merged, readable by ``scorekit sample`` and :func:`scorekit.config.load_score_model`) and, for
-the adapters, ``adapter.safetensors`` (SaRA: :func:`scorekit.sara.load_sara` reads it). The library side
-is :mod:`scorekit.finetune`.
+the adapters, ``adapter.safetensors`` (SaRA: also the peft-style directory ``adapter/``; :func:`scorekit.sara.load_sara`
+reads either). Runs unchanged under ``accelerate launch`` / ``torchrun --nproc_per_node N -m scorekit.cli finetune``
+(the progressive re-selection re-wraps the model, so the ranks stay identical). The library side is
+:mod:`scorekit.finetune`.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from ..config import build_data, load_score_model, to_dict
     from ..finetune import FinetuneConfig, make_finetune_trainer, write_outputs
+    from ..sara import print_trainable_parameters
 
     cfg = load_run_config(args, FinetuneConfig, base="base", method="method")
     if cfg.base is None:
@@ -50,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     trainer, summary = make_finetune_trainer(cfg, base, x, meta={"base": str(cfg.base)})
     if trainer.is_main:
         print(f"fine-tuning {cfg.base} with {summary}")
+        print_trainable_parameters(trainer.unwrapped)
     trainer.train()
     if trainer.is_main:
         paths = write_outputs(trainer, cfg, base_meta)

@@ -1,13 +1,23 @@
 """``scorekit sample --checkpoint RUN --sampler pc|ode|dpm_solver_2m``: draw samples, write a picture and a tensor file.
 
 ``--checkpoint`` is a ``scorekit train`` output directory (EMA weights) or a saved diffusers pipeline
-(``DDPMPipeline`` / ``ScoreSdeVePipeline``) directory. Sampler settings default to the run config's
-``sampling:`` section; flags override them. ``--guidance`` adds a plug-in (several may be given).
+directory (Stable Diffusion, DiT, LDM, DDPM, ...; see ``scorekit.from_diffusers``). Text-to-image pipelines
+take ``--prompt`` (and ``--negative-prompt``), class-conditional ones ``--class-label``; ``--guidance-scale W``
+turns on classifier-free guidance (W > 1). Latent pipelines' samples are decoded by the pipeline's VAE
+before they are written (``--save-latents`` keeps the latents too). Sampler settings default to the run
+config's ``sampling:`` section; flags override them. ``--guidance`` adds a plug-in (several may be given).
+
+``--seeds 0-49999`` draws sample i from its own seed (ranges and lists: ``0-9,20``), so the samples do
+not depend on ``--batch_size`` or on the number of processes; under ``torchrun --nproc_per_node N`` or
+``accelerate launch --num_processes N`` the seeds are split across the processes and rank 0 gathers
+them. ``--outdir DIR`` writes one PNG per seed (``000123.png``) and ``samples.npz`` (uint8 ``arr_0``,
+``(N, H, W, C)``), the layout FID tools read; ``--out`` writes a grid and a tensor file.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -29,12 +39,28 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--snr", type=float, default=None)
     p.add_argument("--method", default=None, help="ODE method for --sampler ode (dopri5, rk4, euler, midpoint)")
     p.add_argument("--eps", type=float, default=None, help="last time of the sampler (1e-3 VP, 1e-5 VE)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="one stream for the whole run (see --seeds)")
+    p.add_argument("--seeds", default=None, help="per-sample seeds, e.g. 0-49999 or 0-9,20 (sets --n)")
     p.add_argument("--raw_weights", "--raw-weights", dest="raw_weights", action="store_true",
                    help="use the raw weights instead of the EMA")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--out", default=None, help="output PNG (default: <checkpoint>/samples/<sampler>.png)")
+    p.add_argument("--outdir", default=None, help="folder for one PNG per seed and samples.npz (FID tools' layout)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    c = p.add_argument_group("pretrained pipelines")
+    c.add_argument("--prompt", default=None, help="text prompt (text-to-image pipelines)")
+    c.add_argument("--negative-prompt", "--negative_prompt", dest="negative_prompt", default=None,
+                   help="negative prompt for classifier-free guidance (default: the empty prompt, as diffusers)")
+    c.add_argument("--guidance-scale", "--guidance_scale", dest="guidance_scale", type=float, default=None,
+                   help="classifier-free guidance weight W (on when W > 1, as in diffusers)")
+    c.add_argument("--class-label", "--class_label", dest="class_label", type=int, default=None,
+                   help="class of a class-conditional pipeline (DiT: ImageNet class)")
+    c.add_argument("--height", type=int, default=None, help="image height in pixels (pipelines)")
+    c.add_argument("--width", type=int, default=None, help="image width in pixels (pipelines)")
+    c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="precision of the networks (the sampler state stays float32)")
+    c.add_argument("--save-latents", "--save_latents", dest="save_latents", action="store_true",
+                   help="latent pipelines: also write the latents (<out>.latents.safetensors)")
     g = p.add_argument_group("guidance")
     g.add_argument("--guidance", action="append", default=[], choices=sorted(GUIDANCE),
                    help="plug-in to apply (repeatable; applied in the given order)")
@@ -61,38 +87,83 @@ def run(args: argparse.Namespace) -> int:
 
     from samplers import count_nfe
 
+    from ..checkpoint import save_tensors
     from ..sampling import (
         GuidanceOptions,
         build_guidance,
+        condition_score,
+        decode_samples,
         draw_samples,
+        gather_samples,
+        init_processes,
         load_model,
+        parse_seeds,
+        rank_batches,
         sampler_steps,
+        save_outdir,
+        save_pngs,
         save_samples,
     )
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, cfg = load_model(args.checkpoint, ema=not args.raw_weights, device=device)
-    flags = {"sampler": args.sampler, "n": args.n, "batch_size": args.batch_size or None, "seed": args.seed,
-             "snr": args.snr, "eps": args.eps, "method": args.method}
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
-    if args.predictor is not None:
-        cfg.predictor = _none(args.predictor)
-    if args.corrector is not None:
-        cfg.corrector = _none(args.corrector)
-    options = GuidanceOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GuidanceOptions)})
-    guidance = build_guidance(args.guidance, model, options, device)
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
+    if seeds is not None and args.n is not None and args.n != len(seeds):
+        raise ValueError(f"--n {args.n} disagrees with --seeds {args.seeds} ({len(seeds)} seeds); give one of them")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and seeds is None:
+        raise ValueError(f"sampling in {world} processes needs per-sample seeds: pass --seeds, e.g. 0-999")
+    procs = init_processes(args.device)
+    try:
+        device = procs.device(args.device)
+        dtype = None if args.dtype is None else getattr(torch, args.dtype)
+        model, cfg = load_model(args.checkpoint, ema=not args.raw_weights, device=device, height=args.height,
+                                width=args.width, dtype=dtype)
+        score_fn = condition_score(model, prompt=args.prompt, negative_prompt=args.negative_prompt,
+                                   guidance_scale=args.guidance_scale, class_label=args.class_label)
+        flags = {"sampler": args.sampler, "n": len(seeds) if seeds else args.n, "batch_size": args.batch_size or None,
+                 "seed": args.seed, "snr": args.snr, "eps": args.eps, "method": args.method}
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
+        if args.predictor is not None:
+            cfg.predictor = _none(args.predictor)
+        if args.corrector is not None:
+            cfg.corrector = _none(args.corrector)
+        options = GuidanceOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GuidanceOptions)})
+        guidance = build_guidance(args.guidance, score_fn, options, device)
 
-    steps = sampler_steps(cfg, args.steps)
-    score = count_nfe(model)
-    t0 = time.perf_counter()
-    samples = draw_samples(score, model.sde, tuple(model.data_shape), cfg, steps=steps, guidance=guidance,
-                           generator=torch.Generator(device).manual_seed(cfg.seed), device=device,
-                           progress=args.progress)
-    seconds = time.perf_counter() - t0
-    path = Path(args.out) if args.out else Path(args.checkpoint) / "samples" / f"{cfg.sampler}.png"
-    written = save_samples(samples, path, meta={"sampler": cfg.sampler, "steps": steps, "seed": cfg.seed,
-                                                "nfe": score.nfe, "guidance": args.guidance,
-                                                "checkpoint": str(args.checkpoint)})
-    print(f"{cfg.n} samples with {cfg.sampler} in {seconds:.1f}s ({score.samples / cfg.n:.0f} score evaluations "
-          f"per sample); wrote {', '.join(map(str, written))}")
-    return 0
+        steps = sampler_steps(cfg, args.steps)
+        score = count_nfe(score_fn)
+        mine = None if seeds is None else [s for b in rank_batches(seeds, cfg.batch_size, procs) for s in b]
+        t0 = time.perf_counter()
+        samples = draw_samples(score, model.sde, tuple(model.data_shape), cfg, steps=steps, guidance=guidance,
+                               generator=torch.Generator(device).manual_seed(cfg.seed), device=device,
+                               progress=args.progress and procs.main, seeds=mine)
+        latents, samples = samples, decode_samples(model, samples, cfg.batch_size)
+        if args.outdir and samples.ndim == 4:
+            save_pngs(samples, mine if seeds else range(cfg.n), args.outdir)  # each rank writes its own
+        out = Path(args.out) if args.out else None
+        if out is None and not args.outdir:
+            out = Path(args.checkpoint) / "samples" / f"{cfg.sampler}.png"
+        shards = Path(args.outdir) / ".shards" if args.outdir else out.parent / f".{out.name}.shards"
+        gathered = gather_samples(samples, mine or [], procs, seeds or [], shards, nfe=score.samples)
+        keep_latents = args.save_latents and latents is not samples
+        if keep_latents:  # every rank takes part in each gather
+            latents = gather_samples(latents, mine or [], procs, seeds or [], shards.with_name(shards.name + "-z"))
+        if gathered is None:  # not rank 0: its shard is with rank 0
+            return 0
+        samples, evaluations = gathered
+        seconds = time.perf_counter() - t0
+        meta = {"sampler": cfg.sampler, "steps": steps, "seed": cfg.seed, "seeds": args.seeds, "nfe": score.nfe,
+                "guidance": args.guidance, "checkpoint": str(args.checkpoint), "prompt": args.prompt,
+                "negative_prompt": args.negative_prompt, "guidance_scale": args.guidance_scale,
+                "class_label": args.class_label}
+        written = [save_outdir(samples, args.outdir)] if args.outdir else []
+        if out is not None:
+            written += save_samples(samples, out, meta=meta)
+        if keep_latents:
+            path = (out or Path(args.outdir) / "samples.png").with_suffix(".latents.safetensors")
+            save_tensors({"latents": latents[0]}, path, meta)
+            written.append(path)
+        print(f"{cfg.n} samples with {cfg.sampler} in {seconds:.1f}s on {procs.world} process(es) "
+              f"({evaluations / cfg.n:.0f} score evaluations per sample); wrote {', '.join(map(str, written))}")
+        return 0
+    finally:
+        procs.close()

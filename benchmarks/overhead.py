@@ -1,0 +1,292 @@
+"""Loop overhead of the samplers and the Trainer, against the code they replace, in one run.
+
+1. **Reference samplers** at equal NFE on the same score network: ``pc_sample`` (reverse diffusion +
+   Langevin, one corrector step) against score_sde's ``pc_sampler`` loop (``ReverseDiffusionPredictor`` +
+   ``LangevinCorrector``, written out below as ``sampling.py`` does it), and ``ode_sample`` (dopri5) against
+   score_sde's ``ode_sampler`` (``scipy.integrate.solve_ivp`` RK45 on flattened numpy arrays). The ODE
+   solvers pick their own steps, so the ratio is of seconds per score evaluation.
+2. **diffusers' scheduler loop** on the same ``UNet2DModel`` (64 x 3 x 32 x 32): ``pc_sample`` with the
+   ancestral predictor against ``DDPMScheduler``, ``dpm_solver_2m`` against ``DPMSolverMultistepScheduler``;
+   overhead = loop time minus the time of the same network calls alone, per step.
+3. **Trainer vs bare loop**: ``benchmarks.training.run_variant`` (steps/s).
+4. **Host reads per step**: ``Tensor.item`` / ``tolist`` / ``__bool__`` calls from ``samplers/`` per sampler step
+   (the every-k NaN check is the only one left).
+
+    python -m benchmarks.overhead                 # CPU, about 10-15 minutes on 2 cores
+    python -m benchmarks.overhead --device cuda   # a minute or two
+    python -m benchmarks.overhead --quick         # smoke run (seconds; numbers not meaningful)
+
+Writes ``benchmarks/results/overhead.md``. A ratio <= 1 means scorekit is no slower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ._harness import RESULTS, best_time, fmt, gen, markdown_table, seed_all, write_results
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str, repeats: int):
+    def run():
+        out = fn()
+        _sync(device)
+        return out
+
+    run()  # warm-up
+    return best_time(run, repeats)
+
+
+# -- 1. score_sde's reference samplers, written out as its sampling.py does ----------------------
+def reference_pc(score_fn, sde, shape, snr: float, eps: float, device: str) -> torch.Tensor:
+    """score_sde ``pc_sampler`` with ``ReverseDiffusionPredictor`` and ``LangevinCorrector`` (n_steps=1) on a
+    VP SDE: its discretization ties every step to ``sde.N`` (``timestep = (t (N - 1) / T).long()``)."""
+    N = sde.N
+    betas = torch.linspace(sde.beta_min / N, sde.beta_max / N, N, device=device)
+    alphas = 1.0 - betas
+    with torch.no_grad():
+        x = sde.prior_sampling(shape, device=device)
+        timesteps = torch.linspace(sde.T, eps, N, device=device)
+        for i in range(N):
+            t = timesteps[i]
+            vec_t = torch.ones(shape[0], device=t.device) * t
+            # corrector (LangevinCorrector.update_fn)
+            timestep = (vec_t * (N - 1) / sde.T).long()
+            alpha = alphas[timestep]
+            grad = score_fn(x, vec_t)
+            noise = torch.randn_like(x)
+            grad_norm = torch.norm(grad.reshape(grad.shape[0], -1), dim=-1).mean()
+            noise_norm = torch.norm(noise.reshape(noise.shape[0], -1), dim=-1).mean()
+            step_size = (snr * noise_norm / grad_norm) ** 2 * 2 * alpha
+            view = (-1,) + (1,) * (x.ndim - 1)
+            x_mean = x + step_size.view(view) * grad
+            x = x_mean + torch.sqrt(step_size * 2).view(view) * noise
+            # predictor (ReverseDiffusionPredictor.update_fn on rsde.discretize)
+            timestep = (vec_t * (N - 1) / sde.T).long()
+            beta = betas[timestep]
+            f = torch.sqrt(1 - beta).view(view) * x - x
+            G = torch.sqrt(beta)
+            rev_f = f - G.view(view) ** 2 * score_fn(x, vec_t)
+            z = torch.randn_like(x)
+            x_mean = x - rev_f
+            x = x_mean + G.view(view) * z
+    return x_mean
+
+
+def reference_ode(score_fn, sde, shape, eps: float, rtol: float, atol: float, device: str):
+    """score_sde ``ode_sampler``: RK45 of ``scipy.integrate.solve_ivp`` on flattened numpy arrays."""
+    from scipy import integrate
+
+    with torch.no_grad():
+        x = sde.prior_sampling(shape, device=device)
+        rsde = sde.reverse(score_fn, probability_flow=True)
+
+        def ode_func(t, x):
+            x = torch.from_numpy(x.reshape(shape)).to(device).type(torch.float32)
+            vec_t = torch.ones(shape[0], device=x.device) * t
+            drift = rsde.sde(x, vec_t)[0]
+            return drift.detach().cpu().numpy().reshape((-1,)).astype(np.float64)
+
+        solution = integrate.solve_ivp(ode_func, (sde.T, eps), x.detach().cpu().numpy().reshape((-1,)),
+                                       rtol=rtol, atol=atol, method="RK45")
+        x = torch.tensor(solution.y[:, -1]).reshape(shape).to(device).type(torch.float32)
+    return x, solution.nfev
+
+
+def digits_score(device: str, hidden: int):
+    from scorekit import VPSDE, ScoreModel
+    from scorekit.nets import MLP
+
+    seed_all(0)
+    sde = VPSDE(N=100)
+    return ScoreModel(MLP((1, 8, 8), hidden=hidden, depth=3), sde).to(device).eval().requires_grad_(False), sde
+
+
+def reference_rows(device: str, batch: int, steps: int, repeats: int, hidden: int) -> list[list[str]]:
+    from samplers import count_nfe, ode_sample, pc_sample
+    from scorekit import VPSDE
+
+    model, _ = digits_score(device, hidden)
+    sde = VPSDE(N=steps)
+    shape = (batch, 1, 8, 8)
+    ours = count_nfe(model)
+    _, t_ours = timed(lambda: pc_sample(ours, sde, shape, steps=steps, generator=gen(0, device), device=device),
+                      device, repeats)
+    _, t_ref = timed(lambda: reference_pc(model, sde, shape, 0.16, 1e-3, device), device, repeats)
+    rows = [["PC (reverse diffusion + Langevin)", str(2 * steps), str(2 * steps), fmt(t_ours / (2 * steps) * 1e3),
+             fmt(t_ref / (2 * steps) * 1e3), fmt(t_ours / t_ref, 3)]]
+    ours.reset()
+    _, t_ode = timed(lambda: ode_sample(ours, sde, shape, rtol=1e-3, atol=1e-3, generator=gen(0, device),
+                                        device=device), device, repeats)
+    nfe_ours = ours.nfe // (repeats + 1)
+    (_, nfe_ref), t_ref_ode = timed(lambda: reference_ode(model, sde, shape, 1e-3, 1e-3, 1e-3, device), device,
+                                    repeats)
+    per_ours, per_ref = t_ode / nfe_ours, t_ref_ode / nfe_ref
+    rows.append(["probability-flow ODE (dopri5 vs RK45, rtol 1e-3)", str(nfe_ours), str(nfe_ref),
+                 fmt(per_ours * 1e3), fmt(per_ref * 1e3), fmt(per_ours / per_ref, 3)])
+    return rows
+
+
+# -- 2. diffusers' scheduler loops on one UNet2DModel ---------------------------------------------
+def _diffusers_pair(unet, scheduler, kind: str, shape, steps: int, device: str, repeats: int):
+    """``(network, diffusers loop, scorekit loop)`` seconds for one scheduler and its scorekit counterpart."""
+    from samplers import ode_sample, pc_sample
+    from scorekit import from_diffusers
+
+    model = from_diffusers((unet, scheduler))
+    scheduler.set_timesteps(steps)
+    timesteps = list(scheduler.timesteps)
+    x0 = torch.randn(shape, generator=gen(0)).to(device)
+
+    @torch.no_grad()
+    def network_only():
+        for t in timesteps:
+            _ = unet(x0, t).sample
+
+    @torch.no_grad()
+    def diffusers_loop():
+        scheduler.set_timesteps(steps)
+        x = x0
+        for t in scheduler.timesteps:
+            eps = unet(x, t).sample
+            x = scheduler.step(eps, t, x, generator=gen(1, device)).prev_sample
+        return x
+
+    def scorekit_loop():
+        if kind == "pc":
+            return pc_sample(model, model.sde, shape, predictor="ancestral", corrector=None, steps=steps,
+                             eps=model.sde.sampling_eps, x_T=x0, generator=gen(1, device))
+        return ode_sample(model, model.sde, shape, method="dpm_solver_2m", steps=steps, x_T=x0,
+                          eps=model.sde.sampling_eps)
+
+    return tuple(timed(fn, device, repeats)[1] for fn in (network_only, diffusers_loop, scorekit_loop))
+
+
+def diffusers_rows(device: str, batch: int, size: int, steps: int, repeats: int, channels) -> list[list[str]]:
+    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+
+    from scorekit.nets import make_unet
+
+    seed_all(0)
+    unet = make_unet(size, 3, channels, layers_per_block=2).to(device).eval().requires_grad_(False)
+    pairs = [("ancestral PC vs DDPMScheduler", DDPMScheduler(num_train_timesteps=1000, clip_sample=False), "pc"),
+             ("DPM-Solver++(2M) vs DPMSolverMultistepScheduler",
+              DPMSolverMultistepScheduler(num_train_timesteps=1000, algorithm_type="dpmsolver++", solver_order=2),
+              "dpm")]
+    rows = []
+    for name, scheduler, kind in pairs:
+        t_net, t_diff, t_ours = _diffusers_pair(unet, scheduler, kind, (batch, 3, size, size), steps, device, repeats)
+        o_diff, o_ours = (t_diff - t_net) / steps, (t_ours - t_net) / steps
+        ratio = o_ours / o_diff if o_diff > 0 else math.nan
+        rows.append([name, str(steps), fmt(t_net / steps * 1e3), fmt(o_ours * 1e3), fmt(o_diff * 1e3), fmt(ratio, 3)])
+    return rows
+
+
+# -- 3. Trainer vs bare loop -----------------------------------------------------------------------
+def trainer_rows(device: str, steps: int) -> list[list[str]]:
+    from .training import run_variant
+
+    runs = {v: run_variant(v, "mlp", steps, 10, 128, device) for v in ("bare", "Trainer")}
+    base = runs["bare"]["steps_per_s"]
+    return [[v, fmt(r["steps_per_s"], 1), fmt(base / r["steps_per_s"], 3)] for v, r in runs.items()]
+
+
+# -- 4. host reads per step ------------------------------------------------------------------------
+def count_reads(fn) -> int:
+    """``Tensor.item`` / ``tolist`` / ``__bool__`` calls made from ``samplers/`` files while ``fn()`` runs."""
+    root, count = str(ROOT / "samplers"), [0]
+    originals = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "__bool__")}
+
+    def wrap(original):
+        def counted(tensor, *args):
+            if sys._getframe(1).f_code.co_filename.startswith(root):
+                count[0] += 1
+            return original(tensor, *args)
+
+        return counted
+
+    try:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, wrap(original))
+        fn()
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+    return count[0]
+
+
+def read_rows(steps: int) -> list[list[str]]:
+    from samplers import ode_sample, pc_sample
+    from samplers._common import CHECK_EVERY
+    from scorekit import VPSDE
+    from scorekit.data import imbalanced_mixture
+
+    sde, mix = VPSDE(), imbalanced_mixture()
+    score = mix.score_fn(sde)
+    cases = [("pc_sample (corrector + predictor)", 2 * steps,
+              lambda: pc_sample(score, sde, (64, 2), steps=steps, generator=gen(0))),
+             ("ode_sample rk4", 4 * steps, lambda: ode_sample(score, sde, (64, 2), method="rk4", steps=steps)),
+             ("ode_sample dpm_solver_2m", steps,
+              lambda: ode_sample(score, sde, (64, 2), method="dpm_solver_2m", steps=steps))]
+    rows = []
+    for name, evals, fn in cases:
+        reads = count_reads(fn)
+        rows.append([name, str(steps), str(reads), str(math.ceil(evals / CHECK_EVERY) + 1)])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per loop; the fastest counts")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run, not a measurement")
+    args = p.parse_args(argv)
+    quick, dev, rep = args.quick, args.device, args.repeats if not args.quick else 1
+    ref_batch, ref_steps, hidden = (8, 5, 32) if quick else (256, 200, 512)
+    unet_batch, size, unet_steps = (2, 16, 3) if quick else (64, 32, 20)
+    channels = (32, 32) if quick else (64, 128, 256)
+    train_steps = 5 if quick else 200
+
+    print("1/4 reference samplers", flush=True)
+    ref = reference_rows(dev, ref_batch, ref_steps, rep, hidden)
+    print("2/4 diffusers loops", flush=True)
+    diff = diffusers_rows(dev, unet_batch, size, unet_steps, rep, channels)
+    print("3/4 Trainer vs bare loop", flush=True)
+    train = trainer_rows(dev, train_steps)
+    print("4/4 host reads per step", flush=True)
+    reads = read_rows(10 if quick else 200)
+
+    text = (f"# Loop overhead (device {dev}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+            f"{', QUICK smoke run: numbers not meaningful' if quick else ''})\n\n"
+            f"## Samplers vs score_sde's reference code (MLP {hidden}x3 on 1x8x8, batch {ref_batch})\n\n"
+            + markdown_table(["sampler", "NFE scorekit", "NFE reference", "ms/NFE scorekit", "ms/NFE reference",
+                              "ratio (<= 1: no slower)"], ref)
+            + f"\n## Sampler overhead vs diffusers' scheduler loop (UNet2DModel {list(channels)} on "
+              f"{unet_batch}x3x{size}x{size})\n\n"
+            + markdown_table(["loop", "steps", "network ms/step", "scorekit overhead ms/step",
+                              "diffusers overhead ms/step", "ratio"], diff)
+            + f"\n## Trainer vs bare loop (benchmarks.training.run_variant, MLP on digits, {train_steps} steps)\n\n"
+            + markdown_table(["variant", "steps/s", "time per step vs bare"], train)
+            + "\n## Host reads (item / tolist / bool) from samplers/ per run, exact 2-D mixture score: none per "
+              "step beyond the every-k NaN check (and a few tolist calls on the host grid at set-up)\n\n"
+            + markdown_table(["sampler", "steps", "reads (grid set-up + NaN checks)", "NaN checks (every k + end)"],
+                             reads))
+    print(text)
+    write_results(RESULTS / ("overhead_quick.md" if quick else "overhead.md"), text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
