@@ -18,7 +18,7 @@ from scorekit import VPSDE, ScoreModel
 from scorekit.checkpoint import atomic_path
 
 __all__ = ["RESULTS", "CACHE", "gen", "seed_all", "timer", "best_time", "fmt", "markdown_table", "write_results",
-           "digits_teacher"]
+           "digits_teacher", "DIGITS_UNET"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: trained models are cached here (git-ignored); delete a folder to retrain
@@ -81,8 +81,13 @@ def write_results(path: Path, text: str) -> Path:
     return path
 
 
+#: the digits teacher's UNet: the small diffusers UNet2DModel of ``scorekit demo`` (1.05M parameters)
+DIGITS_UNET = {"block_out_channels": (32, 64, 64), "layers_per_block": 1}
+
+
 def digits_teacher(
     *,
+    net: str = "unet",
     hidden: int = 256,
     depth: int = 3,
     steps: int = 2000,
@@ -91,25 +96,43 @@ def digits_teacher(
     cache: Path = CACHE,
     progress: bool = False,
 ) -> tuple[ScoreModel, int]:
-    """``(model, steps)``: the VP eps-prediction MLP score model of the digits train split (or of ``data``,
+    """``(model, steps)``: the VP eps-prediction score model of the digits train split (or of ``data``,
     digits of shape ``(n, 1, 8, 8)``), the teacher the benchmarks share, with its EMA weights; trained by
     the Trainer, or resumed from ``cache`` (one folder per setting), where a longer earlier run is reused
-    as it is."""
+    as it is.
+
+    ``net="unet"`` (the default) is the demo's small UNet (:data:`DIGITS_UNET`); ``net="mlp"`` the earlier,
+    weaker MLP of width ``hidden`` and ``depth`` residual blocks (``hidden`` and ``depth`` apply to it only).
+    """
     from scorekit.data import load_digits
     from scorekit.losses import make_dsm_loss
-    from scorekit.nets import MLP
     from scorekit.training import TrainConfig, Trainer
 
+    if net not in ("unet", "mlp"):
+        raise ValueError(f"unknown digits teacher net {net!r}; valid choices are ['mlp', 'unet']")
     sde = VPSDE()
     seed_all(0)
-    model = ScoreModel(MLP((1, 8, 8), hidden=hidden, depth=depth), sde, prediction="eps")
-    cfg = TrainConfig(steps=steps, batch_size=128, lr=lr, warmup=100, ema_decay=0.999, checkpoint_every=0,
+    if net == "unet":
+        from scorekit.nets import make_unet
+
+        model = ScoreModel(make_unet(8, 1, **DIGITS_UNET), sde, prediction="eps", time_input="index",
+                           data_shape=(1, 8, 8))
+        name = f"UNet {'-'.join(map(str, DIGITS_UNET['block_out_channels']))}"
+        out_dir = cache / f"digits_unet{'-'.join(map(str, DIGITS_UNET['block_out_channels']))}_lr{lr:g}"
+        warmup = 200
+    else:
+        from scorekit.nets import MLP
+
+        model = ScoreModel(MLP((1, 8, 8), hidden=hidden, depth=depth), sde, prediction="eps")
+        name = f"MLP {hidden}x{depth}"
+        out_dir = cache / f"digits_mlp{hidden}x{depth}_lr{lr:g}"
+        warmup = 100
+    cfg = TrainConfig(steps=steps, batch_size=128, lr=lr, warmup=warmup, ema_decay=0.999, checkpoint_every=0,
                       progress=progress, mixed_precision="no")
-    out_dir = cache / f"digits_mlp{hidden}x{depth}_lr{lr:g}"
     data = load_digits("train")[0] if data is None else data
     trainer = Trainer(model, make_dsm_loss(sde), data, cfg, out_dir=out_dir)
     with timer() as t:
         trainer.train()
-    print(f"  digits teacher: MLP {hidden}x{depth}, {trainer.step} steps (cached in {out_dir}; "
+    print(f"  digits teacher: {name}, {trainer.step} steps (cached in {out_dir}; "
           f"{t['seconds']:.0f} s now)", flush=True)
     return trainer.ema.eval().requires_grad_(False), trainer.step

@@ -270,9 +270,9 @@ def main(argv=None) -> int:
         args.divergences = ["reverse_kl", "js", "forward_kl"]
         args.digits_divergences, args.digits_steps, args.digits_n, args.teacher_steps = ["reverse_kl"], 100, 500, 1500
         args.tag = "_quick"
-    args.teacher_tag = lambda: args.teacher.name if args.teacher else f"mlp{args.teacher_hidden}"
+    args.teacher_tag = lambda: args.teacher.name if args.teacher else "unet32-64-64"
     args.teacher_desc = lambda: (f"`scorekit train` run {args.teacher}" if args.teacher else
-                                 f"MLP {args.teacher_hidden}x3 eps-prediction on VP, {args.teacher_steps} Trainer steps "
+                                 f"the digits UNet (32-64-64) eps-prediction on VP, {args.teacher_steps} Trainer steps "
                                  "(EMA weights)")
     torch.set_num_threads(args.threads)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -92,16 +92,27 @@ def load_reward(spec: str | RewardFn) -> RewardFn:
             mod = importlib.import_module(module)
     except (ImportError, FileNotFoundError) as err:
         raise ValueError(f"cannot load the reward module {module!r} of {spec!r}: {err}") from err
+    except SyntaxError as err:
+        raise ValueError(f"the reward module {module!r} of {spec!r} is not valid Python: {err.msg} "
+                         f"({err.filename}, line {err.lineno})") from err
+    except Exception as err:  # the user's module failed while it was imported
+        raise ValueError(f"importing the reward module {module!r} of {spec!r} failed: "
+                         f"{type(err).__name__}: {err} (`scorekit --debug ...` shows the traceback)") from err
     fn = getattr(mod, name, None)
     if not callable(fn):
         raise ValueError(f"{module!r} has no callable {name!r} (reward {spec!r})")
     return fn
 
 
+class RewardTypeError(TypeError, ValueError):
+    """A reward or value function returned something other than a tensor: a ``TypeError``, as Python names a wrong
+    type, and a ``ValueError`` too, so that the CLI reports it as bad input (the user's function), not as a bug."""
+
+
 def checked_values(values, n: int, what: str) -> Tensor:
     """``values`` as a float64 vector of ``n`` finite numbers, or a clear error."""
     if not torch.is_tensor(values):
-        raise TypeError(f"{what} must return a tensor of shape ({n},), got {type(values).__name__}")
+        raise RewardTypeError(f"{what} must return a tensor of shape ({n},), got {type(values).__name__}")
     if tuple(values.shape) != (n,):
         raise ValueError(f"{what} returned shape {tuple(values.shape)} for a batch of {n} samples; "
                          f"expected one number per sample, shape ({n},)")

@@ -68,12 +68,45 @@ def check_eps(eps: float, sde: SDE) -> None:
 def check_shape(shape: tuple[int, ...], score_fn: ScoreFn) -> None:
     """Compare a batch shape with what the score function says it expects (``data_shape``, as
     :class:`ScoreModel` has); functions that don't say are checked at their first evaluation."""
+    if not isinstance(shape, (tuple, list, torch.Size)) or not shape:
+        raise ValueError(f"the sample shape must be a tuple (batch, ...), got {shape!r}")
+    for d in shape:
+        positive_int(d, "every dimension of shape", f"shape={tuple(shape)}")
     expected = getattr(score_fn, "data_shape", None)
     if expected is not None and tuple(shape[1:]) != tuple(expected):
         raise ValueError(
             f"samples of shape {tuple(shape)} do not fit the score model, which expects "
             f"(B, {', '.join(map(str, expected))})"
         )
+
+
+def check_sde(sde: SDE, score_fn: ScoreFn) -> None:
+    """Where the score function carries the SDE it was trained on (``ScoreModel.sde``, forwarded by
+    :class:`~scorekit.score.ConditionedScore` and :func:`~samplers.count_nfe`), the sampler's ``sde`` must be
+    that process; only its number of steps ``N`` may differ."""
+    own = getattr(score_fn, "sde", None)
+    if not isinstance(sde, SDE):
+        raise ValueError(f"sde must be a scorekit SDE (VPSDE(), VESDE(), ...), got {type(sde).__name__}")
+    if not isinstance(own, SDE) or own is sde:
+        return
+    process = lambda s: {k: v for k, v in s._params().items() if k != "N"}  # noqa: E731
+    if type(own) is not type(sde) or process(own) != process(sde):
+        raise ValueError(f"the score model was trained on {own!r} but the sampler was given {sde!r}; "
+                         "pass the model's own SDE (model.sde)")
+
+
+def check_data(x, name: str, finite: bool = True) -> None:
+    """``x`` must be a non-empty floating-point batch ``(batch, ...)`` (integer data cannot carry noise), with
+    finite values unless ``finite`` is false."""
+    if not torch.is_tensor(x):
+        raise ValueError(f"{name} must be a torch tensor (batch, ...), got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} has dtype {x.dtype}; the samplers need floating-point data: pass {name}.float() "
+                         "(scaled to the model's data range, e.g. [-1, 1])")
+    if x.ndim == 0 or x.numel() == 0:
+        raise ValueError(f"{name} has shape {tuple(x.shape)}; expected a non-empty batch (batch, ...)")
+    if finite and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
 
 
 def initial_state(
@@ -85,8 +118,13 @@ def initial_state(
     device=None,
     dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """``x_T`` if given (checked against ``shape``), else a draw from the prior; see :func:`check_shape`."""
+    """``x_T`` if given (checked against ``shape``), else a draw from the prior; see :func:`check_shape` and
+    :func:`check_sde`."""
+    check_sde(sde, score_fn)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch dtype (torch.float32, ...), got {dtype!r}")
     if x_T is not None:
+        check_data(x_T, "x_T")
         if shape is not None and tuple(x_T.shape) != tuple(shape):
             raise ValueError(
                 f"x_T has shape {tuple(x_T.shape)} but shape={tuple(shape)}; pass one or make them agree"
@@ -94,7 +132,7 @@ def initial_state(
         shape = x_T.shape
     elif shape is None:
         raise ValueError("pass the sample shape (batch, ...) or an initial state x_T")
-    check_shape(tuple(shape), score_fn)
+    check_shape(tuple(shape) if isinstance(shape, (list, torch.Size)) else shape, score_fn)
     if x_T is not None:
         return x_T
     if device is None and generator is not None:

@@ -30,10 +30,10 @@ TIME_GRIDS = ("time_uniform", "logsnr", "quadratic", "karras")
 
 
 def default_time_grid(sde: SDE) -> str:
-    """The grid ``benchmarks/samplers.py`` measured best for DPM-Solver++(2M) on the 2-D mixture (its table is
-    ``benchmarks/results/samplers.md``): ``"logsnr"`` for VE (there uniform in ``t`` too), ``"quadratic"``
-    for VP and sub-VP."""
-    return "logsnr" if sde.variance_exploding else "quadratic"
+    """The SDE's ``solver_grid``: the grid measured best for DPM-Solver++(2M) (``benchmarks/samplers.py`` on the
+    2-D mixture: ``"logsnr"`` for VE, there uniform in ``t`` too, ``"quadratic"`` for VP and sub-VP;
+    ``benchmarks/pretrained.py`` on a pretrained pipeline's table: ``"karras"``)."""
+    return sde.solver_grid
 
 
 def solver_time_grid(sde: SDE, steps: int, eps: float, kind: str | None = None, rho: float = 7.0) -> Tensor:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from scorekit.sde import SDE, batch_time, bcast
 
-from ._common import ScoreFn, prior_sample, randn_like
+from ._common import ScoreFn, check_data, check_sde, prior_sample, randn_like
 from .generators import StackedGenerator
 from .pc import pc_sample
 
@@ -63,6 +63,7 @@ def _projection(
 def _masked_sample(score_fn, sde, data, mask, generator, to_latent, from_latent, kwargs) -> Tensor:
     if "x_T" in kwargs or "project" in kwargs:
         raise TypeError("inpaint/colorize build x_T and the projection themselves; don't pass x_T or project")
+    check_sde(sde, score_fn)
     project = _projection(sde, data, mask, generator, to_latent, from_latent)
     # The reference starts from the raw known data; starting from it diffused to T keeps every
     # state on the schedule.
@@ -86,6 +87,7 @@ def inpaint(
     keyword arguments (``predictor``, ``corrector``, ``snr``, ``steps``, ``eps``, ``guidance`` ...) go
     to :func:`pc_sample`.
     """
+    check_data(x, "x", finite=False)  # the unknown entries may hold anything
     mask = torch.as_tensor(mask, dtype=x.dtype, device=x.device)
     try:
         torch.broadcast_shapes(mask.shape, x.shape)
@@ -96,6 +98,8 @@ def inpaint(
     if not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError("mask must contain only 0 (unknown) and 1 (known)")
     data = torch.where(mask.bool(), x, torch.zeros_like(x))
+    if not bool(torch.isfinite(data).all()):
+        raise ValueError("x contains NaN or infinite values where mask == 1 (the known entries)")
     identity = lambda v: v  # noqa: E731
     return _masked_sample(score_fn, sde, data, mask, generator, identity, identity, kwargs)
 
@@ -109,6 +113,7 @@ def colorize(
     first channel (``sqrt(3) gray``) and the two chroma channels are sampled. ``gray`` is in the
     model's data range. Other keyword arguments go to :func:`pc_sample`.
     """
+    check_data(gray, "gray")
     if gray.ndim != 4 or gray.shape[1] != 1:
         raise ValueError(f"gray has shape {tuple(gray.shape)}; expected (B, 1, H, W)")
     M = COLOR_DECOUPLE.to(gray.device, gray.dtype)

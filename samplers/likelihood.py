@@ -19,10 +19,10 @@ from torch import Tensor
 
 from scorekit.sde import SDE
 
-from ._common import CheckedScore, ScoreFn, check_eps, check_shape, randn_like
+from ._common import CheckedScore, ScoreFn, check_data, check_eps, check_sde, check_shape, randn_like
 from .generators import StackedGenerator, rand
 from .nfe import count_nfe
-from .ode import ADAPTIVE_METHODS, probability_flow, solve_ode
+from .ode import ADAPTIVE_METHODS, check_tolerances, probability_flow, solve_ode
 
 __all__ = ["likelihood", "bits_per_dim", "Likelihood", "ESTIMATORS"]
 
@@ -81,7 +81,10 @@ def likelihood(
         raise ValueError(
             f"likelihood needs an adaptive ODE method, one of {list(ADAPTIVE_METHODS)}; got {method!r}"
         )
+    check_tolerances(rtol, atol)
     check_eps(eps, sde)
+    check_sde(sde, score_fn)
+    check_data(x, "x")
     check_shape(tuple(x.shape), score_fn)
     checked = CheckedScore(score_fn)
     counter = count_nfe(checked)

@@ -14,11 +14,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from scorekit.sde import SDE
+from scorekit.validate import positive
 
 from ._common import (
     CheckedScore,
     ScoreFn,
+    check_data,
     check_eps,
+    check_sde,
     check_shape,
     check_steps,
     guided_score,
@@ -117,6 +120,7 @@ def solve_ode(
 def _adaptive(func: Callable, y0, t0: float, t1: float, *, method: str, rtol: float, atol: float):
     from torchdiffeq import odeint  # it loads scipy; only the adaptive solves need it
 
+    check_tolerances(rtol, atol)
     lo, hi = min(t0, t1), max(t0, t1)
     tol = 1e-6 * max(abs(lo), abs(hi), 1.0)
     message = f"the ODE solver evaluated t outside [{lo}, {hi}]"
@@ -132,6 +136,12 @@ def _adaptive(func: Callable, y0, t0: float, t1: float, *, method: str, rtol: fl
     t = torch.tensor([t0, t1], dtype=torch.float64)
     sol = odeint(guarded, y0, t, rtol=rtol, atol=atol, method=method, options=options)
     return tuple(s[-1] for s in sol) if isinstance(sol, tuple) else sol[-1]
+
+
+def check_tolerances(rtol: float, atol: float) -> None:
+    """The adaptive solvers' error tolerances must be finite and > 0 (<= 0 gives wrong results or a failed solve)."""
+    positive(rtol, "rtol", "relative error tolerance of the adaptive ODE solver, e.g. 1e-5")
+    positive(atol, "atol", "absolute error tolerance of the adaptive ODE solver, e.g. 1e-5")
 
 
 def _check_method(method: str, steps: int | None) -> int | None:
@@ -242,6 +252,8 @@ def ode_encode(
     steps = _check_method(method, steps)
     guidance = check_guidance(guidance, "probability-flow ODE", allowed=("score",))
     check_eps(eps, sde)
+    check_sde(sde, score_fn)
+    check_data(x, "x")
     check_shape(tuple(x.shape), score_fn)
     score = guided_score(score_fn, guidance)
     return _integrate(score, sde, x, t0=eps, t1=sde.T, eps=eps, method=method, rtol=rtol, atol=atol, steps=steps,

@@ -9,7 +9,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from scorekit.sde import SDE
-from scorekit.validate import non_negative_int
+from scorekit.validate import non_negative, non_negative_int
 
 from ._common import ScoreFn, check_eps, check_steps, guided_score, initial_state, is_zero, resolve
 from .correctors import CORRECTORS, Corrector
@@ -110,6 +110,7 @@ def pc_sample(
     predictor = resolve(predictor, PREDICTORS, "predictor")
     corrector = resolve(corrector, CORRECTORS, "corrector")
     n_corrector_steps = non_negative_int(n_corrector_steps, "n_corrector_steps")
+    snr = non_negative(snr, "snr", "the corrector's signal-to-noise ratio, e.g. 0.16")
     steps = check_steps(steps, sde.N)
     ts, ts_next = time_steps(sde, steps, eps)
     guidance = check_guidance(guidance, "PC")

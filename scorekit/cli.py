@@ -28,10 +28,33 @@ COMMANDS = {
 }
 
 
+#: the errors that bad input or the user's environment cause (files, permissions, numbers, disk space); they are
+#: printed as ``scorekit CMD: error: ...``, others (bugs) keep their traceback
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
+
+
+class IntermixedParser(argparse.ArgumentParser):
+    """A subcommand's parser that takes positionals (the ``section.key=value`` overrides, the input files)
+    anywhere among the options, as :meth:`~argparse.ArgumentParser.parse_intermixed_args` does."""
+
+    _intermixed = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._intermixed:  # the two passes of parse_known_intermixed_args
+            return super().parse_known_args(args, namespace)
+        self._intermixed = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixed = False
+
+
 def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
     """The parser with the subcommands ``commands`` (default: all of :data:`COMMANDS`)."""
     parser = argparse.ArgumentParser(prog="scorekit", description="Score-based generative modeling through SDEs.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error instead of a one-line message")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command", parser_class=IntermixedParser)
     for name in COMMANDS if commands is None else commands:
         module_name = COMMANDS[name]
         try:
@@ -48,10 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``scorekit`` console script; returns the process exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     # `scorekit SUB ...` needs SUB's parser only: the other command modules are not imported
-    args = build_parser(argv[:1] if argv[:1] and argv[0] in COMMANDS else None).parse_args(argv)
+    named = [a for a in argv if not a.startswith("-")][:1]
+    args = build_parser(named if named and named[0] in COMMANDS else None).parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as e:
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
         print(f"scorekit {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -8,7 +8,9 @@ error that names the file and line. Command-line overrides use dotted keys: ``tr
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,12 +21,13 @@ import torch
 import yaml
 from torch import Tensor
 
-from .data import TOY_SETS, GaussianMixture, imbalanced_mixture, load_digits, make_imbalanced, toy_2d
+from .data import SPLITS, TOY_SETS, GaussianMixture, imbalanced_mixture, load_digits, make_imbalanced, toy_2d
 from .losses import make_dsm_loss
 from .nets import MLP, make_unet
 from .score import ScoreModel
 from .sde import SDE, make_sde
 from .training import TrainConfig, Trainer, latest_checkpoint, load_state_checked, load_weights
+from .validate import fraction, non_negative, non_negative_int, positive, positive_int
 
 __all__ = [
     "SDEConfig",
@@ -70,43 +73,43 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
                 return _convert(value, arg, where)
             except (TypeError, ValueError) as e:
                 errors.append(str(e))
-        raise TypeError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {tp}")
+        raise ValueError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {tp}")
     if _is_dataclass_type(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise TypeError(f"{where}: expected a mapping for section {tp.__name__}, got {type(value).__name__}")
+            raise ValueError(f"{where}: expected a mapping for section {tp.__name__}, got {type(value).__name__}")
         return from_dict(tp, value, where)
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
-            raise TypeError(f"{where}: expected a list, got {value!r}")
+            raise ValueError(f"{where}: expected a list, got {value!r}")
         args = typing.get_args(tp)
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
-                raise TypeError(f"{where}: expected {len(args)} values, got {len(value)}")
+                raise ValueError(f"{where}: expected {len(args)} values, got {len(value)}")
             return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         inner = args[0] if args else Any
         out = [_convert(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
-            raise TypeError(f"{where}: expected a mapping, got {value!r}")
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
         return dict(value)
     if tp is bool:
         if not isinstance(value, bool):
-            raise TypeError(f"{where}: expected true/false, got {value!r}")
+            raise ValueError(f"{where}: expected true/false, got {value!r}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{where}: expected an integer, got {value!r}")
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{where}: expected a number, got {value!r}")
+            raise ValueError(f"{where}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise TypeError(f"{where}: expected a string, got {value!r}")
+            raise ValueError(f"{where}: expected a string, got {value!r}")
         return value
     return value
 
@@ -114,7 +117,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
 def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     """Build dataclass ``cls`` from a (nested) mapping; unknown keys raise an error listing the valid ones."""
     if not isinstance(data, dict):
-        raise TypeError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+        raise ValueError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
@@ -140,15 +143,54 @@ def to_dict(obj: Any) -> dict:
     return plain(dataclasses.asdict(obj))
 
 
-def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, with floats read as YAML 1.2 reads them (``1e-3``, ``1.0e6``: PyYAML's YAML 1.1
+    takes them for strings) and duplicate keys refused (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark)
+            except TypeError:  # an unhashable key: the base class says so
+                continue
+            if first is not key_node.start_mark:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first given at line {first.line + 1}); give each key once",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"""),
+    list("-+0123456789."),
+)
+
+
+def _parse_yaml(text: str, source: str):
+    """``text`` parsed by :class:`_Loader`; malformed YAML is a ``ValueError`` naming ``source`` and the line."""
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ValueError(f"{path}: malformed YAML{where}: {getattr(e, 'problem', e)}") from e
+        raise ValueError(f"{source}: malformed YAML{where}: {getattr(e, 'problem', None) or e}") from e
+
+
+def _read_yaml(path: Path) -> dict:
+    if path.is_dir():
+        raise IsADirectoryError(f"the config {path} is a folder; pass a YAML file (see configs/)")
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a text (UTF-8) YAML file: {e}") from e
+    data = _parse_yaml(text, str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -168,7 +210,7 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {p!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = _parse_yaml(raw, f"override {item!r}")
     return data
 
 
@@ -180,6 +222,12 @@ def load_config(source: str | os.PathLike | dict, cls: type[T], overrides: list[
 
 
 # -- the run config --------------------------------------------------------------------------------
+def _one_of(value: Any, valid, what: str) -> None:
+    """``value`` must be one of the names ``valid`` (a tuple or a registry dict)."""
+    if value not in valid:
+        raise ValueError(f"unknown {what} {value!r}; valid names are {list(valid)}")
+
+
 @dataclass
 class SDEConfig:
     """``sde:`` section. Only the parameters of the chosen SDE are used."""
@@ -206,6 +254,15 @@ class ModelConfig:
     time_input: str | None = None
     options: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        from .score import PREDICTIONS, TIME_INPUTS
+
+        _one_of(self.net, NETS, "net")
+        if self.prediction is not None:
+            _one_of(self.prediction, PREDICTIONS, "prediction")
+        if self.time_input is not None:
+            _one_of(self.time_input, TIME_INPUTS, "time_input")
+
 
 @dataclass
 class DataConfig:
@@ -219,6 +276,16 @@ class DataConfig:
     n: int = 20000
     seed: int = 0
 
+    def __post_init__(self):
+        _one_of(self.name, DATASETS, "data set")
+        _one_of(self.split, SPLITS, "split")
+        if self.split == "all" and self.name != "digits":
+            raise ValueError(f"data.split 'all' is for digits; the synthetic set {self.name!r} has the splits "
+                             "'train' and 'test' (independent draws)")
+        self.n = positive_int(self.n, "n", "number of points of a synthetic set")
+        if self.rare_share is not None:
+            fraction(self.rare_share, "rare_share", "the rare class's share, e.g. 0.05", closed=True)
+
 
 @dataclass
 class LossConfig:
@@ -227,6 +294,12 @@ class LossConfig:
     reduce: str = "mean"
     likelihood_weighting: bool = False
     eps: float = 1e-5
+
+    def __post_init__(self):
+        from .losses import REDUCTIONS
+
+        _one_of(self.reduce, REDUCTIONS, "reduce")
+        self.eps = fraction(self.eps, "eps", "the smallest training time, in [0, T) = [0, 1)")
 
 
 @dataclass
@@ -248,6 +321,29 @@ class SampleConfig:
     seed: int = 0
     #: the noise-free last step from eps to 0; None: each sampler's default (PC yes, ODE no)
     denoise: bool | None = None
+
+    def __post_init__(self):
+        from samplers import CORRECTORS, ODE_METHODS, PREDICTORS
+
+        from .sampling import SAMPLERS
+
+        _one_of(self.sampler, SAMPLERS, "sampler")
+        self.n = positive_int(self.n, "n", "number of samples")
+        self.batch_size = positive_int(self.batch_size, "batch_size")
+        if self.steps is not None:
+            self.steps = positive_int(self.steps, "steps", "number of sampler steps")
+        for name, registry in (("predictor", PREDICTORS), ("corrector", CORRECTORS)):
+            value = getattr(self, name)
+            if isinstance(value, str) and value.lower() == "none":
+                setattr(self, name, None)
+            elif value is not None:
+                _one_of(value, (*registry, "none"), name)
+        self.snr = non_negative(self.snr, "snr", "the corrector's signal-to-noise ratio, e.g. 0.16")
+        self.n_corrector_steps = non_negative_int(self.n_corrector_steps, "n_corrector_steps")
+        _one_of(self.method, ODE_METHODS, "ODE method")
+        self.rtol = positive(self.rtol, "rtol", "relative tolerance of the adaptive ODE solver")
+        self.atol = positive(self.atol, "atol", "absolute tolerance of the adaptive ODE solver")
+        self.eps = positive(self.eps, "eps", "the last time of the sampler, 1e-3 VP, 1e-5 VE")
 
 
 @dataclass
@@ -290,6 +386,14 @@ def build_data(cfg: DataConfig) -> tuple[Tensor, Tensor | None]:
 NETS = {"mlp": MLP, "unet": make_unet}
 
 
+def _build_net(factory, *args, **options):
+    """``factory(*args, **options)``; a refused option is named as the config key it came from."""
+    try:
+        return factory(*args, **options)
+    except ValueError as e:
+        raise ValueError(f"model.options: {e}") from e
+
+
 def build_score_model(cfg: ModelConfig, sde: SDE, data_shape: tuple[int, ...]) -> ScoreModel:
     """The network of ``cfg`` for per-sample shape ``data_shape``, wrapped as a :class:`ScoreModel`.
 
@@ -301,18 +405,24 @@ def build_score_model(cfg: ModelConfig, sde: SDE, data_shape: tuple[int, ...]) -
     if cfg.net not in NETS:
         raise ValueError(f"unknown net {cfg.net!r}; valid names are {sorted(NETS)}")
     options = dict(cfg.options)
+    fixed = ("sample_size", "channels") if cfg.net == "unet" else ("data_shape",)  # set from the data
+    valid = sorted(set(inspect.signature(NETS[cfg.net]).parameters) - set(fixed))
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown model.options {unknown} for net {cfg.net!r}; valid options are {valid}"
+                         + (f" ({', '.join(fixed)}: taken from the data)" if set(unknown) & set(fixed) else ""))
     log_sigma = sde.network_time == "log_sigma"  # a continuous time input: Fourier features
     if cfg.net == "unet":
         if len(data_shape) != 3 or data_shape[1] != data_shape[2]:
             raise ValueError(f"the unet needs square images (C, H, H), got data of shape {data_shape}")
         options.setdefault("time_embedding", "fourier" if log_sigma else "positional")
-        net = make_unet(sample_size=data_shape[1], channels=data_shape[0], **options)
+        net = _build_net(make_unet, sample_size=data_shape[1], channels=data_shape[0], **options)
         fourier = options["time_embedding"] == "fourier"
         prediction = cfg.prediction or ("score" if fourier else "eps")
         time_input = cfg.time_input or ("sigma" if fourier else "index")
     else:
         options.setdefault("embedding", "fourier" if log_sigma else "sinusoidal")
-        net = MLP(data_shape, **options)
+        net = _build_net(MLP, data_shape, **options)
         prediction = cfg.prediction or "eps"
         time_input = cfg.time_input
     return ScoreModel(net, sde, prediction=prediction, time_input=time_input, data_shape=data_shape)

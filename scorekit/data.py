@@ -32,6 +32,10 @@ __all__ = [
 
 
 # -- real data -------------------------------------------------------------------------------------
+#: the splits of :func:`load_digits` (the synthetic sets have "train" and "test", independent draws)
+SPLITS = ("all", "train", "test")
+
+
 def load_digits(
     split: str = "all",
     *,
@@ -47,8 +51,8 @@ def load_digits(
     """
     from sklearn.datasets import load_digits as _sk_digits
 
-    if split not in ("all", "train", "test"):
-        raise ValueError(f"unknown split {split!r}; valid choices are ['all', 'train', 'test']")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid choices are {list(SPLITS)}")
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
     bunch = _sk_digits()

@@ -398,6 +398,9 @@ class DistillRunConfig:
     n_samples: int = 64
     out_dir: str = "outputs/distill"
 
+    def __post_init__(self):
+        self.n_samples = positive_int(self.n_samples, "n_samples", "generator samples written after the run")
+
 
 # -- the method ------------------------------------------------------------------------------------
 def _trainable(m) -> bool:

@@ -295,6 +295,8 @@ def _check_images(y: Tensor, model: NoiseModel, what: str = "noisy images") -> N
             f"{what} have dtype {y.dtype}; expected floating-point intensities in [0, 1]: "
             "convert 8-bit images with x.float() / 255 (16-bit: / 65535)"
         )
+    if y.numel() == 0:
+        raise ValueError(f"{what} are empty (shape {tuple(y.shape)}); expected at least one image with pixels")
     if not torch.isfinite(y).all():
         raise ValueError(f"{what} contain NaN or infinite values")
     top = y.max().item()
@@ -308,6 +310,20 @@ def _check_images(y: Tensor, model: NoiseModel, what: str = "noisy images") -> N
             f"{model.name} noise is non-negative but the {what} have a minimum of {y.min().item():.4g}; "
             "pass the raw noisy intensities (not mean-subtracted or Gaussian-noised data)"
         )
+
+
+def _check_fits_net(shape: tuple[int, ...], net: nn.Module, what: str) -> None:
+    """Images ``(..., C, H, W)`` must have a :class:`ScoreUNet`'s channels and sides its reflect padding reaches."""
+    if not isinstance(net, ScoreUNet):
+        return
+    channels, (h, w) = net.config["channels"], shape[-2:]
+    if shape[-3] != channels:
+        raise ValueError(f"{what} have {shape[-3]} channel(s) but the network takes {channels}: denoise with a "
+                         f"model trained on {shape[-3]}-channel images")
+    least = net.unshuffle * 2**net.depth // 2 + 1
+    if min(h, w) < least:
+        raise ValueError(f"{what} of {h}x{w} pixels are too small for the network (depth {net.depth}, unshuffle "
+                         f"{net.unshuffle}): each side needs at least {least} pixels; use a smaller depth")
 
 
 # -- AR-DAE score learning -------------------------------------------------------------------------
@@ -445,6 +461,9 @@ class Noise2Score:
             progress=False, checkpoint_every=0,
         )
         if torch.is_tensor(noisy) and noisy.ndim == 2:  # vectors (N, D): every row is a training sample
+            if noisy.numel() == 0 or not noisy.is_floating_point():
+                raise ValueError(f"noisy vectors must be a non-empty floating-point (N, D) tensor, got "
+                                 f"{noisy.dtype} of shape {tuple(noisy.shape)}")
             levels = self._fit_levels(level, 1)
             data = self.noise_model.network_input(noisy.float(), levels[0])
         else:
@@ -458,6 +477,10 @@ class Noise2Score:
                         f"got an element of shape {tuple(getattr(img, 'shape', ()))}"
                     )
                 _check_images(img, self.noise_model)
+                if patch_size is None:
+                    _check_fits_net(tuple(img.shape), self.net, "the noisy images")
+                else:
+                    _check_fits_net((img.shape[0], patch_size, patch_size), self.net, "the training patches")
             levels = self._fit_levels(level, len(images))
             inputs = [self.noise_model.network_input(img.float(), lv) for img, lv in zip(images, levels)]
             data = _extract_patches(inputs, patch_size, n_patches, torch.Generator().manual_seed(cfg.seed))
@@ -522,8 +545,11 @@ class Noise2Score:
             raise ValueError(f"noisy must be (C, H, W), (B, C, H, W) or (B, D), got shape {tuple(noisy.shape)}")
         if batch.ndim == 4:
             _check_images(batch, self.noise_model)
+            _check_fits_net(tuple(batch.shape), self.net, "the noisy images")
         elif not batch.is_floating_point():
             raise TypeError(f"noisy has dtype {batch.dtype}; expected a floating-point tensor")
+        elif batch.numel() == 0:
+            raise ValueError(f"noisy vectors are empty (shape {tuple(batch.shape)})")
         level = noise_level if noise_level is not None else self.level
         if level is not None:
             level = self.noise_model.check_level(level)

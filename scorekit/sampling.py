@@ -100,20 +100,33 @@ def build_guidance(names: Sequence[str], model, options: GuidanceOptions, device
 
 
 def load_model(path: str | os.PathLike, ema: bool = True, device: str | torch.device = "cpu", *,
-               height: int | None = None, width: int | None = None, dtype: torch.dtype | None = None):
+               height: int | None = None, width: int | None = None, dtype: torch.dtype | None = None,
+               adapter: str | os.PathLike | None = None):
     """``(score_model, sampling_config)`` from a scorekit run directory or a diffusers pipeline directory
     (whose sampling settings are the defaults, ending at the table's first step ``sampling_eps`` with the
-    noise-free last step; ``height``/``width``/``dtype`` go to :func:`scorekit.from_diffusers`)."""
+    noise-free last step; ``height``/``width``/``dtype`` go to :func:`scorekit.from_diffusers`). ``adapter``
+    (a SaRA or peft LoRA directory of ``scorekit finetune``) is applied unmerged: to a pipeline's UNet, or to
+    a run's score model (:func:`scorekit.finetune.load_adapter`)."""
     if (Path(path) / "model_index.json").is_file():
         from .pretrained import from_diffusers
 
         model = from_diffusers(path, height=height, width=width, dtype=dtype, device=device)
+        if adapter is not None:
+            _apply_adapter(model.net, adapter, device)
         return model.eval().requires_grad_(False), SampleConfig(eps=model.sde.sampling_eps, denoise=True)
     if height is not None or width is not None or dtype is not None:
         raise ValueError(f"--height, --width and --dtype apply to diffusers pipeline directories; {path} is a "
                          "scorekit run, whose sample shape is its training data's")
     model, run = load_score_model(path, ema=ema, device=device)
+    if adapter is not None:
+        _apply_adapter(model, adapter, device)
     return model, run.sampling
+
+
+def _apply_adapter(module: torch.nn.Module, adapter: str | os.PathLike, device) -> None:
+    from .finetune import load_adapter
+
+    load_adapter(module, adapter).to(device).requires_grad_(False)
 
 
 def condition_score(model, *, prompt: str | None = None, negative_prompt: str | None = None,

@@ -416,8 +416,9 @@ def base_model_identity(model: nn.Module) -> dict[str, Any]:
         if _is_diffusers_model(module):
             config = {k: v for k, v in dict(module.config).items() if not k.startswith("_")}
             digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+            where = module.config.get("_name_or_path")  # a Path when from_pretrained was given one
             identity.setdefault("diffusers", {})[name] = {
-                "class": type(module).__name__, "name_or_path": module.config.get("_name_or_path"),
+                "class": type(module).__name__, "name_or_path": None if where is None else str(where),
                 "config_hash": digest}
     return identity
 

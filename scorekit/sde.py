@@ -95,6 +95,8 @@ class SDE(abc.ABC):
     network_time: str = "index"
     #: whether the noise grows without bound (``alpha = 1``), so that ``sigma`` itself can be a time input
     variance_exploding: bool = False
+    #: DPM-Solver's default time grid (``samplers.dpm_solver.TIME_GRIDS``), the one measured best for this SDE
+    solver_grid: str = "quadratic"
 
     def __init__(self, N: int = 1000):
         self.N = positive_int(N, "N", "number of discretization steps")
@@ -308,6 +310,7 @@ class VESDE(SDE):
     sampling_eps = 1e-5
     network_time = "log_sigma"
     variance_exploding = True
+    solver_grid = "logsnr"
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, N: int = 1000):
         super().__init__(N)
@@ -376,6 +379,7 @@ class DiscreteVPSDE(SDE):
     """
 
     name = "discrete_vp"
+    solver_grid = "karras"
 
     def __init__(self, alphas_cumprod):
         table = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten().cpu()

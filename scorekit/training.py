@@ -640,11 +640,19 @@ class TrainingLoop:
         return {"loss": f"{sum(window) / len(window):.4f}"}
 
     # -- the loop ------------------------------------------------------------------------------
+    def describe(self) -> str:
+        """One line on where the loop runs: the number of processes, the device and the backend."""
+        backend = self.accelerator.state.backend or "none (one process)"
+        return (f"{self.desc}: {self.accelerator.num_processes} process(es), device {self.device}, backend {backend}, "
+                f"mixed precision {self.accelerator.mixed_precision}")
+
     def train(self, steps: int | None = None) -> list:
         """Run until ``steps`` (default ``config.steps``) updates are done; returns the history."""
         cfg = self.train_config
         total = steps if steps is not None else cfg.steps
         every = cfg.log_every or READ_BACK_EVERY
+        if cfg.progress and self.is_main and not self._started:
+            print(self.describe(), flush=True)
         with self._running():
             bar = tqdm(total=total, initial=self.step, disable=not (cfg.progress and self.is_main), desc=self.desc,
                        dynamic_ncols=True)

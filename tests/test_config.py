@@ -53,9 +53,9 @@ def test_errors_name_the_key_and_list_the_valid_ones(tmp_path):
         load_config({"training": {"stepz": 3}}, RunConfig)
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['sampler'\] in RunConfig; valid keys are \['data', 'loss'"):
         load_config({"sampler": {}}, RunConfig)
-    with pytest.raises(TypeError, match=r"training.lr: expected a number, got 'fast'"):
+    with pytest.raises(ValueError, match=r"training.lr: expected a number, got 'fast'"):
         load_config({"training": {"lr": "fast"}}, RunConfig)
-    with pytest.raises(TypeError, match=r"training.steps: expected an integer, got 2.5"):
+    with pytest.raises(ValueError, match=r"training.steps: expected an integer, got 2.5"):
         load_config({"training": {"steps": 2.5}}, RunConfig)
     with pytest.raises(ValueError, match=r"training: steps must be >= 1, got 0"):
         load_config({"training": {"steps": 0}}, RunConfig)
@@ -75,6 +75,20 @@ def test_errors_name_the_key_and_list_the_valid_ones(tmp_path):
         build_score_model(from_dict(RunConfig, {"model": {"net": "resnet"}}).model, VPSDE(), (2,))
     with pytest.raises(ValueError, match="unknown data set 'cifar10'"):
         build_data(from_dict(RunConfig, {"data": {"name": "cifar10"}}).data)
+
+
+def test_yaml_floats_read_as_yaml_1_2_and_duplicate_keys_are_refused(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("training:\n  lr: 1e-3\n  grad_clip: 2.0e1\nsde:\n  sigma_max: 1.0e6\n")
+    cfg = load_config(path, RunConfig, ["sampling.rtol=1e-4"])
+    assert (cfg.training.lr, cfg.training.grad_clip, cfg.sde.sigma_max, cfg.sampling.rtol) == (1e-3, 20.0, 1e6, 1e-4)
+    assert load_config({}, RunConfig, ["out_dir=1e5x"]).out_dir == "1e5x"  # not a number: stays a string
+    path.write_text("training:\n  lr: 1e-3\n  steps: 5\n  lr: 1e-4\n")
+    with pytest.raises(ValueError, match=r"run.yaml: malformed YAML at line 4, column 3: duplicate key 'lr' "
+                                         r"\(first given at line 2\)"):
+        load_config(path, RunConfig)
+    with pytest.raises(ValueError, match=r"override 'training.lr=\[1': malformed YAML"):
+        load_config({}, RunConfig, ["training.lr=[1"])
 
 
 def test_load_score_model_restores_the_ema_weights(tmp_path):

@@ -81,8 +81,10 @@ def run(args: argparse.Namespace) -> int:
 
     from ..sampling import condition_score, init_processes, load_model, rank_batches
     from ..validate import non_negative_int, positive_int
+    from . import check_device
 
     n, batch_size = positive_int(args.n, "--n", "number of data points"), positive_int(args.batch_size, "--batch_size")
+    args.device = check_device(args.device)
     seed = non_negative_int(args.seed, "--seed")
     procs = init_processes(args.device)
     try:

@@ -59,6 +59,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--width", type=int, default=None, help="image width in pixels (pipelines)")
     c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="precision of the networks (the sampler state stays float32)")
+    c.add_argument("--adapter", default=None,
+                   help="SaRA or LoRA adapter directory of `scorekit finetune`, applied without merging")
     c.add_argument("--save-latents", "--save_latents", dest="save_latents", action="store_true",
                    help="latent pipelines: also write the latents (<out>.latents.safetensors)")
     g = p.add_argument_group("guidance")
@@ -70,7 +72,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="minority level for --guidance minority (L-1: most unique, 0: most common)")
     g.add_argument("--scale", type=float, default=1.0, help="guidance scale w")
     g.add_argument("--reward", default=None,
-                   help="reward for --guidance svdd: compressibility, ink, module:function or file.py:function")
+                   help="reward for --guidance svdd: compressibility, ink, module:function or file.py:function; the "
+                        "last two import the module / execute the file with your rights: use code you trust")
     g.add_argument("--candidates", type=int, default=8, help="SVDD candidates per step (M)")
     g.add_argument("--alpha", type=float, default=0.0, help="SVDD temperature (0: argmax)")
     return p
@@ -104,7 +107,9 @@ def run(args: argparse.Namespace) -> int:
         save_pngs,
         save_samples,
     )
+    from . import check_device
 
+    args.device = check_device(args.device)
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     if seeds is not None and args.n is not None and args.n != len(seeds):
         raise ValueError(f"--n {args.n} disagrees with --seeds {args.seeds} ({len(seeds)} seeds); give one of them")
@@ -116,10 +121,10 @@ def run(args: argparse.Namespace) -> int:
         device = procs.device(args.device)
         dtype = None if args.dtype is None else getattr(torch, args.dtype)
         model, cfg = load_model(args.checkpoint, ema=not args.raw_weights, device=device, height=args.height,
-                                width=args.width, dtype=dtype)
+                                width=args.width, dtype=dtype, adapter=args.adapter)
         score_fn = condition_score(model, prompt=args.prompt, negative_prompt=args.negative_prompt,
                                    guidance_scale=args.guidance_scale, class_label=args.class_label)
-        flags = {"sampler": args.sampler, "n": len(seeds) if seeds else args.n, "batch_size": args.batch_size or None,
+        flags = {"sampler": args.sampler, "n": len(seeds) if seeds else args.n, "batch_size": args.batch_size,
                  "seed": args.seed, "snr": args.snr, "eps": args.eps, "method": args.method}
         cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
         if args.predictor is not None:
@@ -153,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         seconds = time.perf_counter() - t0
         meta = {"sampler": cfg.sampler, "steps": steps, "seed": cfg.seed, "seeds": args.seeds, "nfe": score.nfe,
                 "guidance": args.guidance, "checkpoint": str(args.checkpoint), "prompt": args.prompt,
-                "negative_prompt": args.negative_prompt, "guidance_scale": args.guidance_scale,
+                "negative_prompt": args.negative_prompt, "guidance_scale": args.guidance_scale, "adapter": args.adapter,
                 "class_label": args.class_label}
         written = [save_outdir(samples, args.outdir)] if args.outdir else []
         if out is not None:

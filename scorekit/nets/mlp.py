@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..validate import int_at_least, non_negative_int, positive, positive_int
+
 __all__ = ["MLP", "sinusoidal_embedding"]
 
 
@@ -48,9 +50,17 @@ class MLP(nn.Module):
     ):
         super().__init__()
         self.data_shape = (data_shape,) if isinstance(data_shape, int) else tuple(data_shape)
+        for d in self.data_shape:
+            positive_int(d, "every dimension of data_shape", f"data_shape={self.data_shape}")
         dim = math.prod(self.data_shape)
         if embedding not in ("sinusoidal", "fourier"):
             raise ValueError(f"unknown embedding {embedding!r}; valid choices are ['sinusoidal', 'fourier']")
+        hidden = positive_int(hidden, "hidden", "width of the MLP")
+        depth = non_negative_int(depth, "depth", "number of residual blocks")
+        emb_dim = int_at_least(emb_dim, 2, "emb_dim", "width of the time embedding")
+        if emb_dim % 2:
+            raise ValueError(f"emb_dim must be even (cosine and sine features), got {emb_dim}")
+        fourier_scale = positive(fourier_scale, "fourier_scale", "scale of the Fourier features")
         self.embedding, self.emb_dim = embedding, emb_dim
         if embedding == "fourier":
             self.register_buffer("freqs", torch.randn(emb_dim // 2) * fourier_scale)

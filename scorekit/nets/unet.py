@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..validate import fraction, positive_int
+
 if TYPE_CHECKING:  # diffusers takes seconds to import; only make_unet needs it
     from diffusers import UNet2DModel
 
@@ -31,6 +33,16 @@ def make_unet(
 
     if time_embedding not in ("positional", "fourier"):
         raise ValueError(f"time_embedding must be 'positional' (VP, sub-VP) or 'fourier' (VE), got {time_embedding!r}")
+    sample_size = positive_int(sample_size, "sample_size", "image side in pixels")
+    channels = positive_int(channels, "channels", "image channels")
+    if isinstance(block_out_channels, (str, bytes, dict)) or not isinstance(block_out_channels, (list, tuple)) \
+            or not block_out_channels:
+        raise ValueError(f"block_out_channels must be a non-empty list of channel counts, e.g. [32, 64, 64], "
+                         f"got {block_out_channels!r}")
+    block_out_channels = tuple(positive_int(c, "every entry of block_out_channels") for c in block_out_channels)
+    layers_per_block = positive_int(layers_per_block, "layers_per_block")
+    norm_num_groups = positive_int(norm_num_groups, "norm_num_groups", "groups of the GroupNorm layers")
+    fraction(dropout, "dropout")
     n = len(block_out_channels)
     if sample_size % 2 ** (n - 1):
         raise ValueError(
