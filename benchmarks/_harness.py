@@ -17,7 +17,7 @@ import torch
 from scorekit import VPSDE, ScoreModel
 from scorekit.checkpoint import atomic_path
 
-__all__ = ["RESULTS", "CACHE", "gen", "seed_all", "timer", "best_time", "fmt", "markdown_table", "write_results",
+__all__ = ["RESULTS", "CACHE", "describe_teacher", "gen", "seed_all", "timer", "best_time", "fmt", "markdown_table", "write_results",
            "digits_teacher", "DIGITS_UNET"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -83,6 +83,13 @@ def write_results(path: Path, text: str) -> Path:
 
 #: the digits teacher's UNet: the small diffusers UNet2DModel of ``scorekit demo`` (1.05M parameters)
 DIGITS_UNET = {"block_out_channels": (32, 64, 64), "layers_per_block": 1}
+
+
+def describe_teacher(net: str, hidden: int = 256, depth: int = 3) -> str:
+    """The results files' words for the teacher :func:`digits_teacher` builds."""
+    if net == "mlp":
+        return f"MLP (hidden {hidden}, depth {depth})"
+    return f"UNet2DModel (blocks {'/'.join(map(str, DIGITS_UNET['block_out_channels']))})"
 
 
 def digits_teacher(

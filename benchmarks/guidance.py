@@ -2,7 +2,7 @@
 
 One digit class is cut to 5% of scikit-learn's digits training split (``make_imbalanced``); on that set
 
-1. a VP score model (MLP on the flattened 8x8 images, predicting noise) is trained with scorekit's Trainer,
+1. a VP score model (the shared digits teacher, ``--net unet`` or ``mlp``, predicting noise) is trained with scorekit's Trainer,
 2. the minority score of every training image is computed (L2, 5 noise draws at alpha_bar = 0.024, as
    the reference code) and quantised into ``--levels`` equal-mass levels,
 3. a noisy-input minority classifier (``ConvClassifier``, a half-UNet encoder) is trained on the levels,
@@ -57,7 +57,7 @@ from scorekit.metrics import frechet_distance, precision_recall, vendi_score
 from scorekit.nets.classifier import make_classifier
 from scorekit.viz import save_image_grid
 
-from ._harness import RESULTS, digits_teacher, gen, seed_all, write_results
+from ._harness import RESULTS, describe_teacher, digits_teacher, gen, seed_all, write_results
 
 
 def minority_classifier(args, model, x, scores) -> MinorityClassifier:
@@ -100,7 +100,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=250, help="ancestral sampling steps")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0, 2.0, 4.0], help="minority guidance scales")
     p.add_argument("--self-scales", type=float, nargs="+", default=[1.0, 4.0], help="self-guidance scales")
-    p.add_argument("--hidden", type=int, default=512, help="width of the score MLP")
+    p.add_argument("--hidden", type=int, default=512, help="width of the score MLP (--net mlp)")
+    p.add_argument("--net", choices=["unet", "mlp"], default="unet", help="the shared digits teacher's network")
     p.add_argument("--score-steps", type=int, default=3000)
     p.add_argument("--clf-steps", type=int, default=2000)
     p.add_argument("--cache", type=Path, default=Path("outputs/bench_guidance"))
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
     x, y = make_imbalanced(x_all, y_all, args.rare_class, args.share, seed=0)
     rare = y == args.rare_class
     print(f"training set: {len(x)} images, {int(rare.sum())} of class {args.rare_class} ({float(rare.double().mean()):.3f})")
-    model, _ = digits_teacher(hidden=args.hidden, steps=args.score_steps, lr=1e-3, data=x, cache=args.cache,
+    model, _ = digits_teacher(net=args.net, hidden=args.hidden, steps=args.score_steps, lr=1e-3, data=x, cache=args.cache,
                               progress=args.progress)
     sde = model.sde
     scores = minority_score(model, sde, x, generator=gen(2))
@@ -171,8 +172,8 @@ def main(argv=None) -> int:
     )
     setup = (
         f"Training set: scikit-learn digits train split with class {args.rare_class} cut to {args.share:.0%} "
-        f"({len(x)} images, {int(rare.sum())} of class {args.rare_class}). Score model: MLP (hidden {args.hidden}, "
-        f"depth 3, eps prediction) on the VP SDE, {args.score_steps} Trainer steps. Minority score: L2, n = 5, "
+        f"({len(x)} images, {int(rare.sum())} of class {args.rare_class}). Score model: {describe_teacher(args.net, args.hidden)}, "
+        f"eps prediction on the VP SDE, {args.score_steps} Trainer steps. Minority score: L2, n = 5, "
         f"alpha_bar = {mc.alpha_bar:.4f} (t = {mc.t:.3f}); {args.levels} equal-mass levels. The minority score "
         f"ranks the rare class first with AUC {auc:.3f}; {top:.0%} of its images are in the top level "
         f"(mean minority score per class: {per_class}). "

@@ -7,7 +7,7 @@ Sections (all in one run, same score functions, same initial noise where it appl
    from T = 1 to eps = 1e-3; diffusers: DPMSolverMultistep with 999 steps, to sigma = 0), and sliced
    Wasserstein against true samples; stochastic samplers: sliced W and the rare mode's share (true 0.05).
 2. Wall time per NFE at 100 NFE, scorekit / diffusers, total and sampler overhead (time outside the score).
-3. Digits: a small MLP score model trained with scorekit's Trainer (cached under outputs/), FD-digits
+3. Digits: the shared digits teacher (``--digits-net``: the demo's UNet or the MLP) trained with scorekit's Trainer (cached under outputs/), FD-digits
    against the real digits, and the deterministic error as in 1.
 
 diffusers is driven at its discrete timesteps i with the scheduler's own alphas_cumprod: the score at
@@ -51,7 +51,7 @@ from scorekit.data import imbalanced_mixture, load_digits
 from scorekit.fd_digits import fd_digits
 from scorekit.metrics import sliced_wasserstein
 
-from ._harness import RESULTS, digits_teacher, fmt, gen, write_results
+from ._harness import RESULTS, describe_teacher, digits_teacher, fmt, gen, write_results
 
 NFES = (5, 10, 20, 50, 100, 1000)
 SECTIONS = ("mixture", "timing", "digits")
@@ -360,7 +360,7 @@ def timing_section(args, out: list[str]):
 
 # -- section 3: digits -------------------------------------------------------------------------------
 def digits_model(args) -> ScoreModel:
-    model, args.digits_trained = digits_teacher(hidden=args.digits_hidden, steps=args.digits_steps,
+    model, args.digits_trained = digits_teacher(net=args.digits_net, hidden=args.digits_hidden, steps=args.digits_steps,
                                                 cache=args.digits_dir, progress=args.progress)
     return model
 
@@ -408,7 +408,7 @@ def digits_section(args, nfes, out: list[str], curves: dict):
         print(f"  {name}: " + ", ".join(f"{k}: {fmt(v, 2)}" for k, v in fd[name].items()), flush=True)
     floor = fd_digits(load_digits("train")[0], load_digits("test")[0])
     out.append(
-        f"Digits model: MLP (hidden {args.digits_hidden}, depth 3) eps-prediction on VP, "
+        f"Digits model: {describe_teacher(args.digits_net, args.digits_hidden)} eps-prediction on VP, "
         f"{args.digits_trained} Trainer steps (EMA weights). "
         "Samples are clamped to [-1, 1] for FD-digits only.\n"
     )
@@ -488,7 +488,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="1000 samples, NFE up to 100, short digits training")
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS, help="what to run")
     p.add_argument("--digits-steps", type=int, default=2000, help="Trainer steps for the digits model")
-    p.add_argument("--digits-hidden", type=int, default=256, help="width of the digits MLP")
+    p.add_argument("--digits-net", choices=["unet", "mlp"], default="unet", help="the digits teacher's network")
+    p.add_argument("--digits-hidden", type=int, default=256, help="width of the digits MLP (--digits-net mlp)")
     p.add_argument("--digits-n", type=int, default=500, help="digits samples per run")
     p.add_argument(
         "--digits-dir",

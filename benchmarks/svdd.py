@@ -5,7 +5,7 @@ digits' 17 grey levels, ``guidance.rewards.digits_compressibility``), the small-
 paper's JPEG compressibility task; it is piecewise constant, so gradient guidance cannot use it. On
 scikit-learn's digits
 
-1. a VP score model (MLP on the flattened images, noise prediction) is trained with scorekit's Trainer
+1. a VP score model (the shared digits teacher, ``--net unet`` or ``mlp``, noise prediction) is trained with scorekit's Trainer
    and cached under ``--cache`` (outputs/ is git-ignored; delete it to retrain);
 2. the same sampler (``pc_sample``, reverse-diffusion predictor, no corrector, ``--steps`` steps) runs
    without guidance, as the pool of Best-of-N (N = M: the paper's top-1/N quantile, and the per-group
@@ -44,7 +44,7 @@ from scorekit.fd_digits import fd_digits
 from scorekit.nets.classifier import make_classifier
 from scorekit.viz import image_grid
 
-from ._harness import RESULTS, digits_teacher, gen, seed_all, write_results
+from ._harness import RESULTS, describe_teacher, digits_teacher, gen, seed_all, write_results
 
 REWARD = digits_compressibility
 
@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--candidates", type=int, default=8, help="M for SVDD, N for Best-of-N")
     p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--net", choices=["unet", "mlp"], default="unet", help="the shared digits teacher's network")
+    p.add_argument("--hidden", type=int, default=512, help="MLP width (--net mlp)")
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--score_steps", type=int, default=4000)
     p.add_argument("--rollouts", type=int, default=512, help="pretrained rollouts for SVDD-MC's value network")
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.samples, args.score_steps, args.rollouts, args.value_steps = 64, 800, 128, 500
     t_start = time.perf_counter()
-    model, _ = digits_teacher(hidden=args.hidden, depth=args.depth, steps=args.score_steps, lr=1e-3,
+    model, _ = digits_teacher(net=args.net, hidden=args.hidden, depth=args.depth, steps=args.score_steps, lr=1e-3,
                               cache=args.cache, progress=args.progress)
     m, n, k = args.candidates, args.samples, args.steps
     test = load_digits("test")[0]
@@ -145,7 +146,7 @@ def report(args, rows, grids, fit_time: float, total: float) -> None:
 
 Written by `python -m benchmarks.svdd{' --quick' if args.quick else ''}` (torch {torch.__version__}, {torch.get_num_threads()} thread(s), total {total:.0f} s including cached training).
 
-Score model: MLP (hidden {args.hidden}, depth {args.depth}, eps prediction) on the VP SDE, {args.score_steps} Trainer steps on the digits train split.
+Score model: {describe_teacher(args.net, args.hidden, args.depth)}, eps prediction, on the VP SDE, {args.score_steps} Trainer steps on the digits train split.
 Sampler: `pc_sample`, reverse-diffusion predictor, no corrector, {k} steps; {args.samples} samples per row. Reward: minus the PNG size in bytes at 17 grey levels (higher = more compressible).
 Selection: argmax (alpha = 0). Best-of-{m} draws {m} x {args.samples} pretrained samples. SVDD-MC's value network (MLPClassifier, hidden 256) was fitted on {args.rollouts} rollouts x {k} states ({args.rollouts * k / args.samples:.0f} NFE per reported sample, one-off) in {args.value_steps} steps; fitting took {fit_time:.0f} s.
 FD-digits is measured against the test split (the train split's own row is the floor).
