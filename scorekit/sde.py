@@ -402,24 +402,26 @@ class DiscreteVPSDE(SDE):
             self._tables[device] = (self._alpha.to(device), self._lam.to(device))
         return self._tables[device]
 
-    def _segment(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(j, u, in_log_snr)``: the segment ``[j / N, (j + 1) / N]`` holding ``t``, the position ``u`` in
-        it, and whether it interpolates in log-SNR (both ends finite) or in ``alpha``."""
-        pos = t.to(torch.float64) * self.N
-        j = pos.floor().clamp(0, self.N - 1)
-        _, lam = self._on(t.device)
-        jl = j.long()
-        return jl, pos - j, torch.isfinite(lam[jl]) & torch.isfinite(lam[jl + 1])
-
-    def _alpha_sigma2(self, t: Tensor) -> tuple[Tensor, Tensor]:
+    def _interp(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(alpha, sigma^2, d alpha / dt)`` at ``t`` in float64, from the segment ``[j / N, (j + 1) / N]``
+        holding it: log-SNR linear where both ends are finite, else ``alpha`` linear."""
         alpha_k, lam_k = self._on(t.device)
-        j, u, smooth = self._segment(t)
+        pos = t.to(torch.float64) * self.N
+        jf = pos.floor().clamp(0, self.N - 1)
+        j, u = jf.long(), pos - jf
+        smooth = torch.isfinite(lam_k[j]) & torch.isfinite(lam_k[j + 1])
         lo, hi = torch.where(smooth, lam_k[j], 0.0), torch.where(smooth, lam_k[j + 1], 0.0)
         lam = lo + u * (hi - lo)
         a = alpha_k[j] + u * (alpha_k[j + 1] - alpha_k[j])
         alpha = torch.where(smooth, torch.sigmoid(lam).sqrt(), a)
         # sigma^2 computed on its own keeps it accurate where alpha is close to 1
         sigma2 = torch.where(smooth, torch.sigmoid(-lam), (1 - a) * (1 + a))
+        # d alpha / dt = 1/2 alpha sigma^2 d lambda / dt on log-SNR segments, the slope itself on the others
+        rate = torch.where(smooth, 0.5 * alpha * sigma2 * (hi - lo) * self.N, (alpha_k[j + 1] - alpha_k[j]) * self.N)
+        return alpha, sigma2, rate
+
+    def _alpha_sigma2(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        alpha, sigma2, _ = self._interp(t)
         return alpha, sigma2
 
     def marginal_coeffs(self, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -443,22 +445,13 @@ class DiscreteVPSDE(SDE):
         return ((j + u) / self.N).to(lam.dtype)
 
     def beta(self, t: Tensor) -> Tensor:
-        """``beta(t) = -d log alpha(t)^2 / dt``: ``-sigma^2 d lambda / dt`` on log-SNR segments, and
-        ``-2 (d alpha / dt) / alpha`` on the others (infinite where ``alpha = 0``)."""
-        alpha_k, lam_k = self._on(t.device)
-        j, _, smooth = self._segment(t)
-        alpha, sigma2 = self._alpha_sigma2(t)
-        dlam = torch.where(smooth, lam_k[j + 1] - lam_k[j], 0.0) * self.N
-        dalpha = (alpha_k[j + 1] - alpha_k[j]) * self.N
-        return torch.where(smooth, -sigma2 * dlam, -2 * dalpha / alpha).to(t.dtype)
+        """``beta(t) = -d log alpha(t)^2 / dt = -2 (d alpha / dt) / alpha`` (infinite where ``alpha = 0``)."""
+        alpha, _, rate = self._interp(t)
+        return (-2 * rate / alpha).to(t.dtype)
 
     def alpha_rate(self, t: Tensor) -> Tensor:
-        """``d alpha / dt``: ``-1/2 beta alpha``, finite where ``alpha = 0`` (zero terminal SNR)."""
-        alpha_k, _ = self._on(t.device)
-        j, _, smooth = self._segment(t)
-        alpha, _ = self._alpha_sigma2(t)
-        rate = torch.where(smooth, -0.5 * self.beta(t).to(torch.float64) * alpha, (alpha_k[j + 1] - alpha_k[j]) * self.N)
-        return rate.to(t.dtype)
+        """``d alpha / dt = -1/2 beta alpha``, finite where ``alpha = 0`` (zero terminal SNR)."""
+        return self._interp(t)[2].to(t.dtype)
 
     def sde(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         t = batch_time(t, x, self.T)
@@ -548,10 +541,9 @@ class _DiscreteReverse(ReverseSDE):
         from .score import tweedie_denoise  # score.py imports this module
 
         t = batch_time(t, x, self.T)
-        alpha, sigma = self.forward.marginal_coeffs(t)
+        alpha, sigma2, rate = (c.to(x.dtype) for c in self.forward._interp(t))
         x0 = tweedie_denoise(self.score_fn, self.forward, x, t)
-        rate = bcast(self.forward.alpha_rate(t) / sigma**2, x)
-        return rate * (x0 - bcast(alpha, x) * x), torch.zeros_like(t)
+        return bcast(rate / sigma2, x) * (x0 - bcast(alpha, x) * x), torch.zeros_like(t)
 
 
 SDES: dict[str, type[SDE]] = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
