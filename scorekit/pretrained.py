@@ -117,13 +117,6 @@ class PretrainedScoreModel(ScoreModel):
             return k.round().long()
         return k
 
-    def _net(self, x: Tensor, t: Tensor, net_kwargs: dict) -> Tensor:
-        if not self.learned_variance:
-            return super()._net(x, t, net_kwargs)
-        param = next(self.net.parameters())
-        out = self.net(x.to(param.dtype), self.network_time(t), **net_kwargs)
-        return getattr(out, "sample", out)[:, : x.shape[1]].to(x.dtype)
-
     # -- conditioning ------------------------------------------------------------------------------
     def conditioning(self, *, guided: bool = False, prompt: str | list[str] | None = None,
                      negative_prompt: str | list[str] | None = None, class_labels: Any = None,

@@ -60,6 +60,8 @@ class ScoreModel(nn.Module):
 
     #: whether the network needs conditioning (a prompt, a class): then only :meth:`condition` evaluates it
     requires_condition: bool = False
+    #: whether the network's output stacks a learned variance after its prediction (``2 C`` channels)
+    learned_variance: bool = False
     condition_help: str = "class_labels=, encoder_hidden_states="
 
     def __init__(
@@ -120,6 +122,8 @@ class ScoreModel(nn.Module):
         dtype = x.dtype if param is None or not param.is_floating_point() else param.dtype
         out = self.net(x.to(dtype), self.network_time(t), **net_kwargs)
         out = getattr(out, "sample", out)
+        if self.learned_variance:  # noise and a variance: only the noise half is read (as DiTPipeline)
+            out = out[:, : x.shape[1]]
         if out.shape != x.shape:
             raise ValueError(f"the network returned shape {tuple(out.shape)} for input of shape {tuple(x.shape)}")
         return out.to(x.dtype)
