@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from scorekit.score import tweedie_denoise
 from scorekit.sde import SDE, VESDE, VPSDE, DiscreteVPSDE, batch_time, bcast
 
 from ._common import ScoreFn, randn_like
@@ -31,6 +32,9 @@ def euler_maruyama(
     score_fn: ScoreFn, sde: SDE, x: Tensor, t, t_next, generator: torch.Generator | StackedGenerator | None = None
 ) -> tuple[Tensor, Tensor]:
     """Euler-Maruyama on the reverse SDE: ``x + (f - g^2 s) dt + g sqrt(-dt) z`` with ``dt = t_next - t``."""
+    if _at_zero_snr(sde, t):
+        raise ValueError("euler_maruyama cannot step from T on a zero-terminal-SNR table: the reverse SDE's drift "
+                         "is infinite there (beta(T) = inf); use the 'ancestral' or 'reverse_diffusion' predictor")
     t, t_next = batch_time(t, x, sde.T), batch_time(t_next, x, sde.T)
     dt = t_next - t
     drift, g = sde.reverse(score_fn).sde(x, t)
@@ -56,6 +60,11 @@ def ancestral(
     VP: ``(x + beta s) / sqrt(1 - beta) + sqrt(beta) z``; VE: ``x + (sigma^2 - sigma'^2) s +
     sqrt(sigma'^2 (sigma^2 - sigma'^2) / sigma^2) z``, with ``sigma = sigma(t)``,
     ``sigma' = sigma(t_next)`` and ``beta`` from :meth:`VPSDE.discretize_step`.
+
+    The VP mean equals DDPM's posterior mean (Ho et al. 2020, eq. 7) written through the score; from
+    a zero-terminal-SNR ``T`` (``alpha(T) = 0``, so ``beta = 1`` and the score form is ``0 / 0``) it is
+    taken in the posterior's ``x0`` form, ``alpha(t_next) x0_hat``, with ``x0_hat`` from the model's
+    :func:`~scorekit.tweedie_denoise`; the variance stays ``beta``.
     """
     if not isinstance(sde, (VPSDE, DiscreteVPSDE, VESDE)):
         raise ValueError(
@@ -66,6 +75,9 @@ def ancestral(
     t = batch_time(t, x, sde.T)
     _, G = sde.discretize_step(x, t, t_next)
     step = bcast(G**2, x)  # beta for VP, sigma^2 - sigma'^2 for VE
+    if _at_zero_snr(sde, t):
+        x_mean = bcast(sde.marginal_coeffs(batch_time(t_next, x, sde.T))[0], x) * tweedie_denoise(score_fn, sde, x, t)
+        return x_mean + torch.sqrt(step) * randn_like(x, generator), x_mean
     score = score_fn(x, t)
     if not sde.variance_exploding:
         x_mean = (x + step * score) / torch.sqrt(1 - step)
@@ -75,6 +87,13 @@ def ancestral(
         x_mean = x + step * score
         std = torch.sqrt((sigma2 - step) * step / sigma2)
     return x_mean + std * randn_like(x, generator), x_mean
+
+
+def _at_zero_snr(sde: SDE, t) -> bool:
+    """Whether a step starts at the ``T`` of a zero-terminal-SNR table (reads ``t`` only for such tables)."""
+    if not getattr(sde, "zero_terminal_snr", False):
+        return False
+    return bool((torch.as_tensor(t) >= sde.T).any())
 
 
 PREDICTORS: dict[str, Predictor] = {

@@ -396,6 +396,8 @@ class DiscreteVPSDE(SDE):
         self._lam = torch.log(abar) - torch.log1p(-abar)  # +inf at j = 0, -inf at zero terminal SNR
         self._tables: dict[torch.device, tuple[Tensor, Tensor]] = {}
         self.sampling_eps = 1.0 / self.N
+        #: ``alphas_cumprod[-1] = 0`` (Lin et al. 2024): ``beta(T)`` is infinite and ``x0_hat`` at ``T`` needs the model
+        self.zero_terminal_snr = bool(table[-1] == 0)
 
     def _on(self, device: torch.device) -> tuple[Tensor, Tensor]:
         if device not in self._tables:

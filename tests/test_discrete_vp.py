@@ -145,3 +145,22 @@ def test_likelihood_of_a_gaussian_on_the_table():
     var = alpha**2 * s2 + sigma**2
     exact = -0.5 * (x**2).sum(1) / var - torch.log(2 * torch.pi * var)
     torch.testing.assert_close(out.logp, exact, rtol=0, atol=2e-3)
+
+
+def test_ancestral_pc_from_a_zero_terminal_snr_prior():
+    """From alpha(T) = 0 the ancestral step's score form is 0 / 0; its x0 form draws the mixture, and
+    Euler-Maruyama (whose reverse drift is infinite at T) says so instead of returning NaN."""
+    sde = DiscreteVPSDE(table("zero_snr"))
+    score = MIX.score_fn(sde)
+    score.denoise = lambda x, t: MIX.posterior_mean(x, t, sde)
+    x = torch.randn(4, 2, dtype=torch.float64, generator=gen(5))
+    from samplers.predictors import ancestral
+
+    _, mean = ancestral(score, sde, x, 1.0, 0.999, gen())
+    alpha_next = sde.marginal_coeffs(torch.tensor([0.999], dtype=torch.float64))[0]
+    torch.testing.assert_close(mean, alpha_next * MIX.means.T.double().mv(MIX.weights.double()).expand(4, 2))
+    x_pc = pc_sample(score, sde, (3000, 2), predictor="ancestral", steps=300, eps=sde.sampling_eps,
+                     generator=gen(), dtype=torch.float64)
+    assert sliced_wasserstein(x_pc, MIX.sample(3000, gen(123))) < 0.1
+    with pytest.raises(ValueError, match="euler_maruyama cannot step from T on a zero-terminal-SNR"):
+        pc_sample(score, sde, (8, 2), predictor="euler_maruyama", steps=10, generator=gen())
