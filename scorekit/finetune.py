@@ -10,7 +10,8 @@
 :func:`prepare_model` readies a model for a method, :func:`make_finetune_trainer` assembles the Trainer and
 :func:`write_outputs` writes ``merged/`` (the Trainer's final checkpoint with the adapters merged into the
 weights, readable by ``scorekit sample`` and :func:`scorekit.config.load_score_model`) and, for the adapters,
-``adapter.safetensors`` (SaRA also as the peft-style directory ``adapter/``, see :func:`scorekit.sara.save_sara`).
+``adapter.safetensors`` and the peft-style directory ``adapter/`` (:func:`scorekit.sara.save_sara`, :func:`save_lora`)
+that ``scorekit sample --adapter`` applies.
 ``scorekit finetune`` runs them from a config, also under ``accelerate launch`` / ``torchrun``.
 
 A Stable-Diffusion-style pipeline directory as the base fine-tunes its UNet on a captioned image folder
@@ -331,6 +332,7 @@ def write_outputs(trainer: Trainer, cfg: FinetuneConfig, base_meta: dict) -> dic
         paths["adapter"] = out / "adapter.safetensors"
         save_tensors(get_peft_model_state_dict(trainer.ema), paths["adapter"],
                      {"format": "peft-lora", "lora": to_dict(cfg.lora)})
+        paths["adapter_dir"] = save_lora(trainer.ema, out / "adapter", base_model_name_or_path=cfg.base)
     return paths
 
 

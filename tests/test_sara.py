@@ -654,3 +654,26 @@ def test_finetune_config_checks_in_code():
         FinetuneConfig(training=TrainConfig(steps=10), sara=SaRAConfig(fraction=0.1, progressive_step=10))
     # LoRA and full fine-tuning do not re-select: the SaRA section only sizes LoRA's budget there
     FinetuneConfig(method="lora", training=TrainConfig(steps=10), sara=SaRAConfig(fraction=0.1, progressive_step=10))
+
+
+@pytest.mark.parametrize("method", ["sara", "lora"])
+def test_sampling_a_run_with_its_adapter_directory_equals_sampling_merged(base_run, tmp_path, method):
+    """`finetune` on a scorekit run writes adapter/ for LoRA as for SaRA; `sample --adapter` on the base run
+    draws what `sample` on merged/ draws, with the same seed (to float32 rounding: LoRA unmerged computes
+    W x + B A x, merged (W + B A) x)."""
+    from scorekit.checkpoint import load_tensors
+    from scorekit.cli import main
+
+    finetune(base_run, tmp_path / "ft", "training.steps=4", method=method)
+    assert (tmp_path / "ft" / "adapter" / "adapter_config.json").is_file()
+    common = ["sample", "--sampler", "pc", "--steps", "20", "--n", "4", "--seed", "3", "--device", "cpu", "--no-progress"]
+    assert main([*common, "--checkpoint", str(tmp_path / "ft" / "merged"), "--out", str(tmp_path / "m.png")]) == 0
+    assert main([*common, "--checkpoint", str(base_run), "--adapter", str(tmp_path / "ft" / "adapter"),
+                 "--out", str(tmp_path / "a.png")]) == 0
+    merged, adapted = (load_tensors(tmp_path / f"{n}.safetensors")[0] for n in ("m", "a"))
+    assert merged.keys() == adapted.keys()
+    for k in merged:
+        torch.testing.assert_close(adapted[k], merged[k], rtol=1e-4, atol=1e-4)
+    base = tmp_path / "b.png"
+    assert main([*common, "--checkpoint", str(base_run), "--out", str(base)]) == 0
+    assert any(not torch.allclose(load_tensors(tmp_path / "b.safetensors")[0][k], merged[k]) for k in merged)

@@ -13,8 +13,8 @@ EMA, atomic checkpoints that resume):
 
 Outputs in ``out_dir``: the trainer's ``checkpoints/``, ``merged/`` (a plain checkpoint with the EMA
 weights merged, readable by ``scorekit sample`` and :func:`scorekit.config.load_score_model`) and, for
-the adapters, ``adapter.safetensors`` (SaRA: also the peft-style directory ``adapter/``; :func:`scorekit.sara.load_sara`
-reads either). Runs unchanged under ``accelerate launch`` / ``torchrun --nproc_per_node N -m scorekit.cli finetune``
+the adapters, ``adapter.safetensors`` and the peft-style directory ``adapter/`` (``scorekit sample --checkpoint BASE
+--adapter OUT/adapter`` applies it unmerged). Runs unchanged under ``accelerate launch`` / ``torchrun --nproc_per_node N -m scorekit.cli finetune``
 (the progressive re-selection re-wraps the model, so the ranks stay identical). The library side is
 :mod:`scorekit.finetune`.
 
