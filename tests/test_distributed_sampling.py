@@ -1,4 +1,5 @@
-"""``scorekit sample --seeds`` and ``scorekit likelihood`` in one and in two processes (torchrun, gloo on CPU)."""
+"""``scorekit sample --seeds`` and ``scorekit likelihood`` in one and in two processes (torchrun and
+``accelerate launch --multi_gpu``, gloo on CPU)."""
 
 import os
 import re
@@ -13,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from scorekit.cli import main
+from scorekit.sampling import init_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,6 +38,21 @@ def torchrun(*args, nproc=2):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
+
+
+def accelerate_launch(home, *args, flags=("--multi_gpu", "--num_processes", "2")):
+    """``accelerate launch FLAGS -m scorekit.cli ARGS``; HF_HOME=home keeps any ``accelerate config``
+    default file out of it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SCOREKIT_TEST_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "HF_HOME": str(home)}
+    env.pop("MASTER_ADDR", None)
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", *flags,
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "--main_process_port", "0", "-m", "scorekit.cli", *args],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, proc.stderr
 
 
 def sample_args(run_dir, *extra):
@@ -84,6 +101,59 @@ def test_outdir_holds_one_png_per_seed_and_an_npz_for_fid_tools(run_dir):
     x = load_file(ref.with_suffix(".safetensors"))["samples"]
     expected = ((x.clamp(-1, 1) + 1) / 2 * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     assert np.array_equal(arr, expected)
+
+
+def test_accelerate_launch_multi_gpu_runs_two_cpu_processes_with_the_one_process_samples(run_dir):
+    """The accelerate command that splits on CPU: --multi_gpu hands the processes to torchrun."""
+    args = sample_args(run_dir, "--seeds", "0-4,9,20", "--batch_size", "2", "--device", "cpu")
+    one, two = run_dir / "acc1.png", run_dir / "acc2.png"
+    assert main([*args, "--out", str(one)]) == 0
+    printed, _ = accelerate_launch(run_dir / "hf", *args, "--out", str(two))
+    assert "7 samples" in printed and "2 process(es)" in printed
+    assert torch.equal(load_file(one.with_suffix(".safetensors"))["samples"],
+                       load_file(two.with_suffix(".safetensors"))["samples"])
+
+
+def test_accelerate_launch_cpu_runs_one_process_and_says_so(run_dir):
+    """``--cpu --num_processes 2`` goes to accelerate's simple launcher: one process (mpirun would start
+    the others). scorekit still samples every seed, and warns with the command that splits."""
+    out = run_dir / "acc_cpu.png"
+    printed, err = accelerate_launch(run_dir / "hf", *sample_args(run_dir, "--seeds", "0-2", "--out", str(out)),
+                                     flags=("--cpu", "--num_processes", "2"))
+    assert "3 samples" in printed and "1 process(es)" in printed
+    assert "accelerate launch started this process alone" in err
+    assert "accelerate launch --multi_gpu --num_processes N" in err
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1"}, "started this process alone"),
+    ({"ACCELERATE_USE_CPU": "False", "MASTER_ADDR": "127.0.0.1"}, "started this process alone"),
+    ({"OMPI_COMM_WORLD_SIZE": "2", "ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1"}, "not from MPI"),
+    ({"PMI_SIZE": "4"}, "not from MPI (PMI_SIZE=4)"),
+])
+def test_a_launch_that_did_not_split_is_named(monkeypatch, env, message):
+    for k in ("WORLD_SIZE", "MASTER_ADDR", "ACCELERATE_USE_CPU", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.warns(UserWarning, match=re.escape(message)):
+        assert init_processes("cpu").world == 1
+
+
+@pytest.mark.parametrize("env", [
+    {"ACCELERATE_USE_CPU": "True"},  # accelerate launch --cpu with one process: no MASTER_ADDR
+    {"MASTER_ADDR": "127.0.0.1"},  # not accelerate's launcher
+    {"WORLD_SIZE": "1", "RANK": "0", "ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1"},  # torchrun, 1 process
+    {"PMI_SIZE": "1"},
+])
+def test_a_single_process_launch_is_quiet(monkeypatch, recwarn, env):
+    for k in ("WORLD_SIZE", "MASTER_ADDR", "ACCELERATE_USE_CPU", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE",
+              "MV2_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert init_processes("cpu").world == 1
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
 
 
 def test_several_processes_need_seeds(run_dir, capsys, monkeypatch):
