@@ -11,6 +11,7 @@ discrepancy at sampling time.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections.abc import Callable
@@ -398,6 +399,12 @@ class SelfMinorityGuidance(Guidance):
             peak = grad.abs().reshape(grad.shape[0], -1).amax(1).clamp_min(torch.finfo(grad.dtype).tiny)
             grad = grad / bcast(peak, grad)
         return grad
+
+    def with_generator(self, generator: torch.Generator | StackedGenerator | None) -> SelfMinorityGuidance:
+        """A copy that draws its re-noising noise from ``generator``."""
+        other = copy.copy(self)
+        other.generator = generator
+        return other
 
     def guide_score(self, score_fn: ScoreFn) -> ScoreFn:
         last_t, step = [None], [-1]

@@ -14,6 +14,11 @@ importance sampling at every step: draw ``M`` candidates from the pretrained ker
 - **SVDD-R** (``resample=True``, the paper's revision): after the local selection, the worst fraction
   of the batch is replaced by value-weighted draws from the batch.
 
+Randomness: Algorithm 1 is per sample, and so is :class:`SVDD` under a per-sample
+:class:`~samplers.StackedGenerator` (``generator=``): sample ``i`` draws its candidates and, for ``alpha > 0``,
+the uniform that picks among them from its own stream, so it is what a batch of one gives. SVDD-R's global
+step couples the samples of a batch by definition; it still runs under per-sample streams (see :class:`SVDD`).
+
 Baselines with the same reward interface: :func:`best_of_n` and DPS-style gradient guidance for
 differentiable rewards (:class:`RewardGradientGuidance`). Rewards are ``reward_fn(x0) -> (batch,)``;
 :func:`load_reward` resolves ``"module:function"`` (or a built-in name in :data:`REWARDS`) for the CLI.
@@ -29,6 +34,7 @@ value calls; wrap the score in :func:`samplers.count_nfe` to count network evalu
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 
@@ -37,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samplers._common import prior_sample
+from samplers.generators import StackedGenerator, rand
 from samplers.hooks import Guidance, ScoreFn, StepFn
 from samplers.masked import masked_step, masked_time_steps
 from samplers.pc import pc_step, time_steps
@@ -124,9 +131,21 @@ class SVDD(Guidance):
     ``value_fn=None`` is SVDD-PM (``v = reward(x0_hat(x_{t-1}))``, :func:`posterior_mean`); a callable
     ``value_fn(x_t, t) -> (batch,)`` is SVDD-MC (:func:`fit_value_function`) or an exact value.
     ``resample=True`` adds SVDD-R's global step: the ``resample_fraction`` of the batch with the lowest
-    values is replaced by draws from the batch ``∝ exp(v / alpha)``. ``seed`` seeds the selection
-    draws (``None``: torch's global generator). ``cache`` reuses network evaluations exactly (see the
-    module docstring); turn it off only to measure it.
+    values is replaced by draws from the batch ``∝ exp(v / alpha)``. ``cache`` reuses network evaluations
+    exactly (see the module docstring); turn it off only to measure it.
+
+    The selection draws (``alpha > 0``; the argmax draws nothing) come from ``generator``, used as given
+    across runs, or from a fresh ``torch.Generator`` seeded ``seed`` every run (neither: torch's global
+    generator). ``generator`` may be a per-sample :class:`~samplers.StackedGenerator` of one stream per
+    sample of the batch: pass the sampler's own (``pc_sample(..., generator=g, guidance=[SVDD(...,
+    generator=g)])``; separate streams seeded alike would replay the noise's random numbers), and sample ``i``
+    takes its candidates and its uniform from stream ``i``, bit-for-bit what a batch of one gives.
+    **SVDD-R is not batch-size independent**: its global step replaces the worst samples of the batch by
+    copies of others, so a sample depends on the batch it is drawn in (a batch of one is never resampled).
+    It still runs under per-sample streams, each sample drawing its donor's uniform from its own stream: a
+    sample then depends on the seeds that share its batch (and their order) and on nothing else, not on the
+    batch's place in the run nor on the number of processes (whose batches are fixed,
+    :func:`scorekit.sampling.rank_batches`).
 
     ``M = 1`` (without ``resample``) returns ``step_fn`` unchanged, so the sampler is bit-for-bit the
     pretrained one. Counters ``reward_evals`` and ``value_evals`` (per-sample evaluations) accumulate
@@ -146,6 +165,7 @@ class SVDD(Guidance):
         resample: bool = False,
         resample_fraction: float = 0.05,
         seed: int | None = None,
+        generator: torch.Generator | StackedGenerator | None = None,
         cache: bool = True,
         decode: Callable[[Tensor], Tensor] | None = None,
     ):
@@ -164,7 +184,9 @@ class SVDD(Guidance):
         self.reward_fn, self.value_fn = reward_fn, value_fn
         self.num_candidates, self.alpha = int(num_candidates), alpha
         self.resample, self.resample_fraction = bool(resample), float(resample_fraction)
-        self.seed, self.cache = seed, bool(cache)
+        if seed is not None and generator is not None:
+            raise ValueError("give SVDD a seed or a generator for its selection draws, not both")
+        self.seed, self.generator, self.cache = seed, generator, bool(cache)
         if decode is not None and not callable(decode):
             raise TypeError(f"decode must be None or callable as decode(x0) -> images, got {type(decode).__name__}")
         self.decode = decode
@@ -198,26 +220,41 @@ class SVDD(Guidance):
         self.value_evals += x.shape[0]
         return checked_values(self.value_fn(x, batch_time(t_next, x, sde.T)), x.shape[0], "value_fn")
 
-    def _draw(self, values: Tensor, num: int, generator: torch.Generator | None) -> Tensor:
-        """``num`` indices per row of ``values`` (rows, choices), drawn ``∝ exp(values / alpha)``."""
-        if self.alpha == 0:
-            return values.argmax(1, keepdim=True).expand(-1, num)
-        if math.isinf(self.alpha):
-            return torch.randint(values.shape[1], (values.shape[0], num), generator=generator, device=values.device)
-        probs = torch.softmax(values / self.alpha, dim=1)
-        return torch.multinomial(probs, num, replacement=True, generator=generator)
+    def _draw(self, values: Tensor, b: int, generator: torch.Generator | StackedGenerator | None) -> Tensor:
+        """One index per sample (``b``) into the last axis of ``values``, drawn ``∝ exp(values / alpha)``
+        (Algorithm 1's ``zeta ~ Categorical(w / sum w)``; the argmax at ``alpha = 0``, ``inf``: uniform).
 
-    def _resample(self, chosen: Tensor, values: Tensor, generator: torch.Generator | None) -> Tensor:
-        """SVDD-R: the lowest-valued ``resample_fraction`` of the batch is replaced by value-weighted draws from it."""
-        k = math.ceil(self.resample_fraction * chosen.shape[0])
-        if chosen.shape[0] < 2:
+        ``values`` is ``(b, choices)``, a distribution per sample, or ``(1, choices)``, one shared by the batch
+        (SVDD-R). Sample ``i`` inverts the CDF at one uniform of row ``i`` of ``rand((b,), generator)``: its own
+        stream's under a :class:`StackedGenerator`, so its choice does not depend on the batch.
+        """
+        if self.alpha == 0:
+            return values.argmax(1, keepdim=True).expand(-1, b // values.shape[0]).reshape(b)
+        cdf = torch.softmax(values / self.alpha, dim=1).cumsum(1)
+        u = rand((b,), generator, values.device, cdf.dtype).view(values.shape[0], -1)
+        # the clamp guards u * total rounding up to the total
+        return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_max(values.shape[1] - 1).reshape(b)
+
+    def _resample(self, chosen: Tensor, values: Tensor, generator: torch.Generator | StackedGenerator | None) -> Tensor:
+        """SVDD-R: the lowest-valued ``resample_fraction`` of the batch is replaced by value-weighted draws from it.
+
+        Every sample draws a donor (one uniform from its stream, whether or not it is among the worst), so a
+        stream's later draws do not depend on which samples the batch ranked worst."""
+        b = chosen.shape[0]
+        if b < 2:
             return chosen
         v = values[chosen]
-        worst = v.argsort()[:k]
-        donors = self._draw(v[None], k, generator)[0]
+        worst = v.argsort()[: math.ceil(self.resample_fraction * b)]
+        donors = self._draw(v[None], b, generator)
         chosen = chosen.clone()
-        chosen[worst] = chosen[donors]
+        chosen[worst] = chosen[donors[worst]]
         return chosen
+
+    def with_generator(self, generator: torch.Generator | StackedGenerator | None) -> SVDD:
+        """A copy whose selection draws come from ``generator`` (``seed`` dropped); counters start at 0."""
+        other = copy.copy(self)
+        other.seed, other.generator, other.reward_evals, other.value_evals = None, generator, 0, 0
+        return other
 
     # -- the plug-in hooks -----------------------------------------------------------------------
     def guide_score(self, score_fn: ScoreFn) -> ScoreFn:
@@ -234,9 +271,14 @@ class SVDD(Guidance):
         rng: dict[str, torch.Generator | None] = {}
 
         def svdd_step(x: Tensor, t, t_next) -> Tensor:
-            if "g" not in rng:
-                rng["g"] = None if self.seed is None else torch.Generator(x.device).manual_seed(self.seed)
             b = x.shape[0]
+            if "g" not in rng:
+                rng["g"] = (self.generator if self.seed is None
+                            else torch.Generator(x.device).manual_seed(self.seed))
+                # the tiling rule would serve k * len(g) samples from k draws per stream, mixing samples' draws
+                if isinstance(rng["g"], StackedGenerator) and len(rng["g"]) != b:
+                    raise ValueError(f"SVDD's generator has {len(rng['g'])} streams for a batch of {b} samples; "
+                                     "pass the sampler's StackedGenerator, one stream per sample")
             candidates = step_fn(_tile(x, m), t, t_next)
             if m > 1 and torch.equal(candidates[b:], candidates[:-b]):
                 if x.is_floating_point() and not bool((torch.as_tensor(t_next) == 0).all()):
@@ -248,7 +290,7 @@ class SVDD(Guidance):
                 if not self.resample:
                     return candidates[:b]  # nothing to choose among (the noise-free last step)
             values = self.value(candidates, t_next, score_fn, sde)
-            index = self._draw(values.view(m, b).T, 1, rng["g"])[:, 0]
+            index = self._draw(values.view(m, b).T, b, rng["g"])
             chosen = index * b + torch.arange(b, device=index.device)
             if self.resample:
                 chosen = self._resample(chosen, values, rng["g"])

@@ -56,6 +56,12 @@ class Guidance:
         """Return the guided reverse step (identity by default)."""
         return step_fn
 
+    def with_generator(self, generator) -> Guidance:
+        """This plug-in drawing its random numbers from ``generator`` (a copy; ``self`` by default, for plug-ins
+        that draw none). A caller that samples batch by batch with per-sample streams (``scorekit sample
+        --seeds``) hands each batch's :class:`~samplers.StackedGenerator` to its plug-ins through it."""
+        return self
+
 
 def check_guidance(
     guidance: Iterable[Guidance], sampler: str | None = None, *, allowed: tuple[str, ...] = ("score", "step")

@@ -183,8 +183,9 @@ def draw_samples(score_fn, sde, shape: Sequence[int], cfg: SampleConfig, *, step
     (``pc``, ``ode`` or ``dpm_solver_2m``), returned on the CPU.
 
     ``steps`` defaults to :func:`sampler_steps`. With ``seeds``, sample ``i`` is drawn from its own
-    stream seeded ``seeds[i]`` (a :class:`samplers.StackedGenerator` per batch; ``cfg.n`` and
-    ``generator`` are then unused), so it does not depend on the batch size.
+    stream seeded ``seeds[i]`` (a :class:`samplers.StackedGenerator` per batch, handed to the plug-ins too through
+    ``with_generator``; ``cfg.n`` and ``generator`` are then unused), so it does not depend on the batch size
+    (SVDD-R's batch-wide resampling excepted, by its definition).
     """
     from samplers import StackedGenerator, ode_sample, pc_sample
 
@@ -196,17 +197,21 @@ def draw_samples(score_fn, sde, shape: Sequence[int], cfg: SampleConfig, *, step
     out = []
     for start in range(0, n, batch):
         b = min(batch, n - start)
+        plugins = guidance
         if seeds is not None:
             generator = StackedGenerator(seeds[start : start + b], device)
+            # plug-ins that draw random numbers (SVDD's selection, self-guidance's re-noising) take them from the
+            # samples' own streams too, or a sample would depend on its batch
+            plugins = [g.with_generator(generator) for g in guidance]
         if cfg.sampler == "pc":
             x = pc_sample(score_fn, sde, (b, *shape), predictor=cfg.predictor, corrector=cfg.corrector, snr=cfg.snr,
-                          n_corrector_steps=cfg.n_corrector_steps, steps=steps, eps=cfg.eps, guidance=guidance,
+                          n_corrector_steps=cfg.n_corrector_steps, steps=steps, eps=cfg.eps, guidance=plugins,
                           generator=generator, progress=progress, device=device,
                           denoise=cfg.denoise is None or cfg.denoise)
         else:
             method = "dpm_solver_2m" if cfg.sampler == "dpm_solver_2m" else cfg.method
             x = ode_sample(score_fn, sde, (b, *shape), method=method, steps=steps, eps=cfg.eps, rtol=cfg.rtol,
-                           atol=cfg.atol, guidance=guidance, generator=generator, device=device, progress=progress,
+                           atol=cfg.atol, guidance=plugins, generator=generator, device=device, progress=progress,
                            denoise=bool(cfg.denoise))
         out.append(x.cpu())
     return torch.cat(out)

@@ -86,6 +86,25 @@ def test_seeds_give_the_same_samples_for_any_batch_size_and_process_count(run_di
     assert not list(run_dir.glob(".*.shards"))  # rank 0 removed the shards
 
 
+@pytest.mark.parametrize("plugin", [("svdd", "--alpha", "1", "--candidates", "3"), ("self_minority", "--scale", "1")],
+                         ids=["svdd-alpha1", "self_minority"])
+def test_plugins_draw_from_the_samples_own_streams_under_seeds(run_dir, tmp_path, plugin):
+    """SVDD's selection draws (alpha > 0) and self-guidance's re-noising come from each sample's stream, so the
+    samples of --seeds do not depend on the batch size with a plug-in either."""
+    reward = tmp_path / "reward.py"
+    reward.write_text("def brightness(x):\n    return x.flatten(1).mean(1)\n")  # continuous: no ties to break
+    args = ("--guidance", *plugin, "--reward", f"{reward}:brightness") if plugin[0] == "svdd" else ("--guidance", *plugin)
+    outs = []
+    for batch in ("2", "3", "6"):
+        out = tmp_path / f"b{batch}.png"
+        assert main(sample_args(run_dir, "--seeds", "0-5", "--batch_size", batch, *args, "--out", str(out))) == 0
+        outs.append(load_file(out.with_suffix(".safetensors"))["samples"])
+    assert close(outs[0], outs[1]) and close(outs[0], outs[2])
+    plain = tmp_path / "plain.png"
+    assert main(sample_args(run_dir, "--seeds", "0-5", "--batch_size", "2", "--out", str(plain))) == 0
+    assert not close(load_file(plain.with_suffix(".safetensors"))["samples"], outs[0])  # the plug-in acted
+
+
 def test_outdir_holds_one_png_per_seed_and_an_npz_for_fid_tools(run_dir):
     outdir = run_dir / "fid"
     torchrun(*sample_args(run_dir, "--seeds", "3-7", "--batch_size", "2", "--outdir", str(outdir)))

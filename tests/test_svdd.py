@@ -1,5 +1,6 @@
 """SVDD (guidance.svdd) against closed forms on Gaussian and product mixtures (docs/notes.md, checks V3-V5)."""
 
+import itertools
 import math
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 from guidance.dps import RewardGradientGuidance
 from guidance.rewards import REWARDS, digits_compressibility, ink_mass, load_reward, png_compressibility
 from guidance.svdd import SVDD, best_of_n, default_value_config, fit_value_function
-from samplers import count_nfe, ode_sample, pc_sample
+from samplers import StackedGenerator, count_nfe, ode_sample, pc_sample
 from samplers.masked import masked_sample
 from scorekit import VPSDE
 from scorekit.data import GaussianMixture, imbalanced_mixture, load_digits
@@ -44,11 +45,13 @@ def product_score(x, t):
     return MIX1.score(x.reshape(-1, 1), t.repeat_interleave(d), SDE).reshape(b, d)
 
 
-def sample(score, shape, guidance=(), seed=0, steps=100, predictor="ancestral"):
-    """``(samples, network evaluations per sample)`` of pc_sample without corrector, in float64."""
+def sample(score, shape, guidance=(), seed=0, steps=100, predictor="ancestral", generator=None):
+    """``(samples, network evaluations per sample)`` of pc_sample without corrector, in float64, drawn from
+    ``generator`` (default: a ``torch.Generator`` seeded ``seed``)."""
     counted = count_nfe(score)
+    generator = torch.Generator().manual_seed(seed) if generator is None else generator
     x = pc_sample(counted, SDE, shape, predictor=predictor, corrector=None, steps=steps, guidance=guidance,
-                  generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+                  generator=generator, dtype=torch.float64)
     return x, counted.samples / shape[0]
 
 
@@ -262,6 +265,58 @@ def test_global_resampling_replaces_the_worst_samples():
     assert float(staircase(global_).mean()) > float(staircase(local).mean())
 
 
+# -- per-sample streams (samplers.StackedGenerator) -------------------------------------------------
+SEEDS = list(range(6))
+
+
+def svdd_batch(generator, b, **svdd):
+    """``b`` SVDD samples (M = 4, alpha = 1 unless ``svdd`` says, 20 steps) whose sampler draws from
+    ``generator``; the selection draws from it too (as SVDD's docstring says to pass it) unless ``svdd`` gives
+    a ``seed``."""
+    svdd = {"alpha": 1.0, **svdd}
+    if "seed" not in svdd:
+        svdd["generator"] = generator
+    return sample(imbalanced_mixture().score_fn(SDE), (b, 2), [SVDD(staircase, 4, **svdd)], steps=20,
+                  generator=generator)[0]
+
+
+def in_batches(sizes, **svdd):
+    """:func:`svdd_batch` over consecutive chunks of ``SEEDS`` of the given sizes, one StackedGenerator per
+    chunk (as ``draw_samples`` makes one per batch for ``scorekit sample --seeds``)."""
+    ends = list(itertools.accumulate(sizes))
+    assert ends[-1] == len(SEEDS)
+    return torch.cat([svdd_batch(StackedGenerator(SEEDS[a:z]), z - a, **svdd) for a, z in zip([0, *ends], ends)])
+
+
+def test_svdd_selection_with_alpha_is_per_sample_under_a_stacked_generator():
+    whole = in_batches([6])
+    for sizes in ([2, 2, 2], [3, 3], [2, 3, 1], [1] * 6):
+        assert torch.equal(whole, in_batches(sizes)), sizes
+    # the independent computation: each seed alone, its sampler and selection on one plain generator
+    assert torch.equal(whole, torch.cat([svdd_batch(torch.Generator().manual_seed(s), 1) for s in SEEDS]))
+    # the selection is random (alpha = 1 is not the argmax), and a batch-wide selection stream (seed=)
+    # makes the samples depend on the split, which the equalities above would catch
+    assert not torch.equal(whole, in_batches([6], alpha=0.0))
+    assert not torch.equal(in_batches([6], seed=0), in_batches([3, 3], seed=0))
+    with pytest.raises(ValueError, match="SVDD's generator has 3 streams for a batch of 6 samples"):
+        sample(imbalanced_mixture().score_fn(SDE), (6, 2), [SVDD(staircase, 4, 1.0, generator=StackedGenerator(SEEDS[:3]))],
+               steps=2)
+
+
+def test_svdd_r_under_a_stacked_generator_is_coupled_within_its_batch():
+    # SVDD-R runs under per-sample streams, batch-coupled as documented: its global step copies samples
+    # across the batch, so a split changes the samples; its draws come from the batch's streams, so the
+    # batch is reproducible whatever torch's global stream
+    torch.manual_seed(1)
+    whole = in_batches([6], resample=True)
+    torch.manual_seed(2)
+    assert torch.equal(whole, in_batches([6], resample=True))
+    assert not torch.equal(whole, in_batches([6]))  # the global step acted
+    assert not torch.equal(whole, in_batches([3, 3], resample=True))  # not batch-size independent
+    # a batch of one has no one to resample from: each seed alone is plain (per-sample) SVDD's sample
+    assert torch.equal(in_batches([1] * 6, resample=True), in_batches([6]))
+
+
 # -- baselines -------------------------------------------------------------------------------------
 def test_best_of_n_keeps_the_top_quantile_or_the_group_maxima():
     pool = torch.randperm(12, generator=torch.Generator().manual_seed(18)).double()[:, None]
@@ -343,6 +398,8 @@ def test_bad_settings_raise_clear_errors():
         SVDD("staircase")
     with pytest.raises(ValueError, match="resample_fraction must lie in"):
         SVDD(staircase, resample=True, resample_fraction=1.5)
+    with pytest.raises(ValueError, match="a seed or a generator for its selection draws, not both"):
+        SVDD(staircase, seed=0, generator=torch.Generator())
 
 
 def test_deterministic_samplers_refuse_svdd():
