@@ -18,8 +18,9 @@ The denoiser is whatever network class the pipeline names as ``unet`` or ``trans
 Text-to-image pipelines keep their tokenizers and text encoders, class-conditional ones their classes,
 and latent pipelines (Stable Diffusion, SDXL, LDM, DiT) their autoencoder: ``model.data_shape`` is the
 latent shape, ``model.decode(z)`` the pipeline's own VAE decode. Conditional models are sampled through
-:meth:`PretrainedScoreModel.condition`. :func:`save_diffusers` goes the other way for VP models whose
-network is a ``UNet2DModel``. Nothing is downloaded.
+:meth:`PretrainedScoreModel.condition`; SDXL's prompts carry its pooled text embedding and the size/crop time
+ids that ``StableDiffusionXLPipeline`` builds for the model's height and width. :func:`save_diffusers` goes the
+other way for VP models whose network is a ``UNet2DModel``. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -98,10 +99,19 @@ class PretrainedScoreModel(ScoreModel):
         self.pipeline = pipeline
         self.autoencoder = next((getattr(pipeline, k) for k in AUTOENCODERS if getattr(pipeline, k, None) is not None),
                                 None)
-        ae = _get(getattr(self.autoencoder, "config", {}), "scaling_factor")
+        ae_config = getattr(self.autoencoder, "config", {})
+        ae = _get(ae_config, "scaling_factor")
         self.scaling_factor = float(ae) if ae is not None else 1.0
-        shift = _get(getattr(self.autoencoder, "config", {}), "shift_factor")
+        shift = _get(ae_config, "shift_factor")
         self.shift_factor = float(shift) if shift is not None else 0.0
+        # SDXL-family pipelines (their UNets take the "text_time" added embedding) (de)normalise latents with the
+        # VAE's per-channel latents_mean / latents_std when it sets both, and run a VAE with force_upcast in
+        # float32, since SDXL's VAE overflows in float16; the Stable Diffusion and DiT pipelines do neither
+        sdxl = _get(config, "addition_embed_type") == "text_time"
+        mean, std = _get(ae_config, "latents_mean"), _get(ae_config, "latents_std")
+        stats = sdxl and mean is not None and std is not None
+        self.latents_mean, self.latents_std = (tuple(mean), tuple(std)) if stats else (None, None)
+        self.upcast_autoencoder = sdxl and bool(_get(ae_config, "force_upcast"))
         self.kind = type(net).__name__
         self.num_classes = _num_classes(net)
         self.text = getattr(pipeline, "tokenizer", None) is not None and getattr(pipeline, "text_encoder", None) is not None
@@ -122,11 +132,14 @@ class PretrainedScoreModel(ScoreModel):
                      negative_prompt: str | list[str] | None = None, class_labels: Any = None,
                      encoder_hidden_states: Tensor | None = None,
                      negative_encoder_hidden_states: Tensor | None = None,
-                     added_cond_kwargs: dict | None = None) -> Conditioning:
+                     added_cond_kwargs: dict | None = None,
+                     negative_added_cond_kwargs: dict | None = None) -> Conditioning:
         """Network keywords for a prompt (encoded exactly as the pipeline encodes it: its own
-        ``encode_prompt``; a missing negative prompt is the empty string, as in diffusers), precomputed
-        ``encoder_hidden_states`` (SDXL also ``added_cond_kwargs``), or ``class_labels`` (DiT's null class
-        ``1000`` as in ``DiTPipeline`` for the unconditional branch)."""
+        ``encode_prompt``, so a missing negative prompt is what the pipeline makes of none: the empty
+        string's embedding for Stable Diffusion, zeros for SDXL's ``force_zeros_for_empty_prompt``),
+        precomputed ``encoder_hidden_states`` (SDXL also ``added_cond_kwargs``, and for guidance
+        ``negative_added_cond_kwargs``), or ``class_labels`` (DiT's null class ``1000`` as in ``DiTPipeline``
+        for the unconditional branch)."""
         if prompt is not None or negative_prompt is not None:
             if prompt is None:
                 raise ValueError("negative_prompt= needs prompt= as well")
@@ -136,15 +149,23 @@ class PretrainedScoreModel(ScoreModel):
             return self._encode_prompt(prompt, negative_prompt, guided)
         if class_labels is not None:
             return self._class_conditioning(class_labels, guided)
-        return super().conditioning(guided=guided, encoder_hidden_states=encoder_hidden_states,
+        cond = super().conditioning(guided=guided, encoder_hidden_states=encoder_hidden_states,
                                     negative_encoder_hidden_states=negative_encoder_hidden_states,
                                     added_cond_kwargs=added_cond_kwargs)
+        if cond.uncond is not None and added_cond_kwargs is not None:
+            # the unconditional branch has its own pooled embedding: reusing the prompt's would be silently wrong
+            if negative_added_cond_kwargs is None:
+                raise ValueError("classifier-free guidance with added_cond_kwargs= needs the unconditional branch's "
+                                 "as well: pass negative_added_cond_kwargs= (SDXL: the negative pooled embedding "
+                                 "as text_embeds, and the time_ids)")
+            cond.uncond["added_cond_kwargs"] = negative_added_cond_kwargs
+        return cond
 
     def _encode_prompt(self, prompt, negative_prompt, guided: bool) -> Conditioning:
         pipe = self.pipeline
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if isinstance(negative_prompt, str):
-            negative_prompt = [negative_prompt] * len(prompts)
+        prompts = _texts("prompt", prompt, 1)
+        if negative_prompt is not None:
+            negative_prompt = _texts("negative_prompt", negative_prompt, len(prompts))
         if negative_prompt is not None and len(negative_prompt) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(negative_prompt)} negative prompts; pass one "
                              "negative prompt or one per prompt")
@@ -156,6 +177,8 @@ class PretrainedScoreModel(ScoreModel):
             embeds, negative, pooled, negative_pooled = out
             projection = int(pooled.shape[-1]) if getattr(pipe, "text_encoder_2", None) is None else \
                 pipe.text_encoder_2.config.projection_dim
+            # StableDiffusionXLPipeline's defaults for a (height, width) image: original and target size both
+            # (height, width), crop (0, 0), and the same ids for the negative branch
             size = tuple(int(s) * pipe.vae_scale_factor for s in self.data_shape[1:])
             ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=embeds.dtype,
                                          text_encoder_projection_dim=projection).to(device).repeat(len(prompts), 1)
@@ -186,26 +209,71 @@ class PretrainedScoreModel(ScoreModel):
 
     # -- latent models -----------------------------------------------------------------------------
     def decode(self, z: Tensor) -> Tensor:
-        """Images in [-1, 1] from latents, as the pipeline decodes them: ``vae.decode(z / scaling + shift)``."""
+        """Images in [-1, 1] from latents, as the pipeline decodes them: ``vae.decode(z / scaling + shift)``,
+        or ``vae.decode(z * std / scaling + mean)`` for a VAE with per-channel ``latents_mean`` /
+        ``latents_std`` (SDXL); an SDXL float16 VAE with ``force_upcast`` decodes in float32, as
+        ``StableDiffusionXLPipeline`` does."""
         if self.autoencoder is None:
             return z
-        ae = self.autoencoder
-        dtype = next(ae.parameters()).dtype
-        return ae.decode((z / self.scaling_factor + self.shift_factor).to(dtype)).sample.to(z.dtype)
+        mean, std = self._latent_stats(z)
+        return self._autoencoder("decode", z * std / self.scaling_factor + mean).sample.to(z.dtype)
 
     def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Latents of images in [-1, 1]: the VAE posterior's mean (a draw with ``generator``), then
-        ``(z - shift) * scaling`` (VQ autoencoders: their encoder output)."""
+        ``(z - shift) * scaling`` or ``(z - mean) * scaling / std`` (the inverse of :meth:`decode`; VQ
+        autoencoders: their encoder output). An SDXL VAE with ``force_upcast`` encodes in float32 in any
+        precision, as ``StableDiffusionXLImg2ImgPipeline`` does."""
         if self.autoencoder is None:
             return images
-        ae = self.autoencoder
-        out = ae.encode(images.to(next(ae.parameters()).dtype))
+        out = self._autoencoder("encode", images)
         dist = getattr(out, "latent_dist", None)
         z = out.latents if dist is None else (dist.mode() if generator is None else dist.sample(generator))
-        return ((z - self.shift_factor) * self.scaling_factor).to(images.dtype)
+        mean, std = self._latent_stats(z)
+        return ((z - mean) * self.scaling_factor / std).to(images.dtype)
+
+    def _latent_stats(self, z: Tensor) -> tuple[Tensor | float, Tensor | float]:
+        """``(mean, std)`` of the latents as the pipeline (de)normalises them, broadcastable against ``z``."""
+        if self.latents_mean is None:
+            return self.shift_factor, 1.0
+        shape = (1, -1) + (1,) * (z.ndim - 2)
+        return z.new_tensor(self.latents_mean).view(shape), z.new_tensor(self.latents_std).view(shape)
+
+    def _autoencoder(self, method: str, x: Tensor) -> Any:
+        """``autoencoder.<method>(x)`` in the autoencoder's precision, or in float32 where the SDXL pipelines
+        upcast: decoding with a float16 VAE, encoding with any."""
+        ae = self.autoencoder
+        dtype = next(ae.parameters()).dtype
+        upcast = dtype == torch.float16 if method == "decode" else dtype != torch.float32
+        if not (self.upcast_autoencoder and upcast):
+            return getattr(ae, method)(x.to(dtype))
+        # The pipeline converts its VAE to float32 and back; here float32 copies of the weights stand in for
+        # the module's own, so that the module is left as it is and gradients through decode still flow.
+        state = {f"module.{k}": v.float() if v.is_floating_point() else v
+                 for k, v in (*ae.named_parameters(), *ae.named_buffers())}
+        return torch.func.functional_call(_Method(ae, method), state, (x.float(),))
 
     def extra_repr(self) -> str:
         return f"{self.kind}, sde={self.sde!r}, prediction={self.prediction!r}, data_shape={self.data_shape}"
+
+
+def _texts(name: str, value: Any, copies: int) -> list[str]:
+    """A prompt argument as a list of strings: a string is ``copies`` of it, a list or tuple one per sample."""
+    if isinstance(value, str):
+        return [value] * copies
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{name}= must be a string or a non-empty list of strings (one per sample), got {value!r}")
+    return list(value)
+
+
+class _Method(nn.Module):
+    """``module.<name>`` as a module's forward, so that ``torch.func.functional_call`` can run it on other weights."""
+
+    def __init__(self, module: nn.Module, name: str):
+        super().__init__()
+        self.module, self.name = module, name
+
+    def forward(self, *args: Any) -> Any:
+        return getattr(self.module, self.name)(*args)
 
 
 def _get(config: Any, key: str) -> Any:

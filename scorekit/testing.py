@@ -1,16 +1,19 @@
 """Tiny diffusers pipelines with random weights for tests, benchmarks and trying the API without a download:
 a Stable-Diffusion-style text-to-image pipeline (CLIP text encoder, a tokenizer from a small vocabulary written
-here, AutoencoderKL, UNet2DConditionModel), a DiT pipeline, a class-conditional UNet2DModel and an LDM with a
+here, AutoencoderKL, UNet2DConditionModel), its SDXL counterpart (two text encoders, size/crop
+micro-conditioning), a DiT pipeline, a class-conditional UNet2DModel and an LDM with a
 VQModel. Each builder saves its pipeline with ``save_pretrained`` and returns it."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["WORDS", "tiny_tokenizer", "tiny_vae", "scheduler", "tiny_sd", "tiny_dit", "tiny_unet", "tiny_ldm"]
+__all__ = ["WORDS", "tiny_tokenizer", "tiny_vae", "scheduler", "tiny_sd", "tiny_sdxl", "tiny_dit", "tiny_unet",
+           "tiny_ldm"]
 
 WORDS = ["a", "photo", "of", "cat", "dog", "red", "blue", "green", "big", "small", "tree", "house"]
 
@@ -38,14 +41,17 @@ def tiny_tokenizer(directory: Path, max_length: int = 12):
     return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=max_length)
 
 
-def tiny_vae(latent_channels: int = 4, seed: int = 1):
+def tiny_vae(latent_channels: int = 4, seed: int = 1, **config: Any):
+    """An AutoencoderKL with a downsampling factor of 2; ``config`` sets further options (``scaling_factor``,
+    ``force_upcast``, ``latents_mean`` / ``latents_std``, ...)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels,
                          down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
                          up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-                         block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=16).eval()
+                         block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=16,
+                         **config).eval()
 
 
 def scheduler(name: str = "linear", prediction_type: str = "epsilon", cls: str = "DDIMScheduler", **kw):
@@ -64,16 +70,22 @@ def scheduler(name: str = "linear", prediction_type: str = "epsilon", cls: str =
                                    **schedules[name], **extra, **kw)
 
 
+def _clip_config(tokenizer: Any, hidden_size: int, **kw: Any):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                          num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
+                          bos_token_id=0, eos_token_id=1, pad_token_id=1, **kw)
+
+
 def tiny_sd(directory: Path, schedule: str = "scaled_linear", prediction_type: str = "epsilon", seed: int = 0):
     """A Stable-Diffusion-style pipeline saved to ``directory``; returns the loaded pipeline."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     tokenizer = tiny_tokenizer(directory / "_vocab")
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
-                                                num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=12,
-                                                bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
+    text_encoder = CLIPTextModel(_clip_config(tokenizer, 16)).eval()
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
                                 block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
@@ -81,6 +93,42 @@ def tiny_sd(directory: Path, schedule: str = "scaled_linear", prediction_type: s
     pipe = StableDiffusionPipeline(vae=tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler(schedule, prediction_type), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(directory)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sdxl(directory: Path, seed: int = 0, vae: dict[str, Any] | None = None):
+    """A StableDiffusionXLPipeline saved to ``directory``; returns the loaded pipeline.
+
+    As SDXL base is built: a CLIPTextModel (hidden size 16) and a CLIPTextModelWithProjection (hidden size 24,
+    projection 8) whose penultimate hidden states are concatenated into the UNet's 40-dim cross-attention
+    input; the second encoder's pooled projection and the six size/crop time ids (each embedded in
+    ``addition_time_embed_dim = 4``) form its ``text_time`` added embedding (8 + 6 * 4 inputs); the first block
+    has no attention; an AutoencoderKL with SDXL's ``scaling_factor`` 0.13025 (``vae`` adds config); and
+    SDXL's EulerDiscreteScheduler (scaled-linear betas 0.00085..0.012, leading spacing, steps_offset 1).
+    Latents are 4 x 8 x 8, images 16 x 16.
+    """
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer, tokenizer_2 = tiny_tokenizer(directory / "_vocab"), tiny_tokenizer(directory / "_vocab_2")
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_clip_config(tokenizer, 16)).eval()
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(tokenizer_2, 24, projection_dim=8)).eval()
+    time_dim = 4
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                                cross_attention_dim=text_encoder.config.hidden_size + text_encoder_2.config.hidden_size,
+                                attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8,
+                                addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+                                projection_class_embeddings_input_dim=text_encoder_2.config.projection_dim + 6 * time_dim,
+                                ).eval()
+    sched = scheduler("scaled_linear", cls="EulerDiscreteScheduler", timestep_spacing="leading", steps_offset=1)
+    pipe = StableDiffusionXLPipeline(vae=tiny_vae(scaling_factor=0.13025, **(vae or {})), text_encoder=text_encoder,
+                                     text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+                                     unet=unet, scheduler=sched, add_watermarker=False)
     pipe.save_pretrained(directory)
     pipe.set_progress_bar_config(disable=True)
     return pipe
