@@ -148,6 +148,29 @@ def test_nan_is_still_named_with_its_first_step_and_time():
         pc_sample(lambda x, t: score(x, t) / (t[:, None] >= 0.3), sde, (4, 2), steps=50, corrector=None)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "both infinities"])
+def test_one_bad_entry_is_caught_and_large_half_precision_scores_are_not(bad):
+    """The check sums each score on the device: one NaN, one inf, or +inf and -inf together (whose sum is NaN)
+    in a large tensor are caught; float16 scores near its largest value are summed in float32, not overflowed."""
+    from samplers._common import CheckedScore
+
+    x = torch.zeros(64, 3, 32, 32)
+    s = torch.zeros_like(x)
+    if bad == "both infinities":
+        s[3, 1, 5, 7], s[60, 2, 0, 0] = float("inf"), float("-inf")
+    else:
+        s[17, 0, 31, 2] = bad
+    checked = CheckedScore(lambda x, t: s, steps=4)
+    checked.step = 3
+    checked(x, torch.full((64,), 0.5))
+    with pytest.raises(FloatingPointError, match=r"step 3 of 4, t = 0\.5"):
+        checked.check()
+    big = torch.full((64, 3, 32, 32), 60000.0, dtype=torch.float16)
+    checked = CheckedScore(lambda x, t: big)
+    checked(big, torch.full((64,), 0.5))
+    checked.check()  # 1.2e10 in float32: finite
+
+
 def test_ode_progress_bar_shows_nfe_and_t(capsys):
     sde = VPSDE()
     ode_sample(MIX.score_fn(sde), sde, (4, 2), method="rk4", steps=3, progress=True)
