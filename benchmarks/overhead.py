@@ -18,7 +18,7 @@
     python -m benchmarks.overhead --device cuda   # a minute or two
     python -m benchmarks.overhead --quick         # smoke run (seconds; numbers not meaningful)
 
-Writes ``benchmarks/results/overhead.md``. A ratio <= 1 means scorekit is no slower.
+Writes ``benchmarks/results/overhead.md`` (``overhead_cuda.md`` on a GPU). A ratio <= 1 means scorekit is no slower.
 """
 
 from __future__ import annotations
@@ -311,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
             + markdown_table(["sampler", "steps", "reads (grid set-up + NaN checks)", "NaN checks (every k + end)"],
                              reads))
     print(text)
-    write_results(RESULTS / ("overhead_quick.md" if quick else "overhead.md"), text)
+    device_tag = "" if dev == "cpu" else "_" + dev.split(":")[0]  # a GPU run keeps the CPU table
+    write_results(RESULTS / f"overhead{'_quick' if quick else ''}{device_tag}.md", text)
     return 0
 
 

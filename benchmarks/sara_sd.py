@@ -83,33 +83,46 @@ def measure(variant: str, args) -> dict:
     from scorekit.sara import rank_penalty
 
     method, ub = VARIANTS[variant]
-    model, extra = prepare(sd15_unet(args.width), method, ub, args)
+    cuda = args.device.startswith("cuda")
+    model, extra = prepare(sd15_unet(args.width).to(args.device), method, ub, args)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, foreach=False)
-    g = torch.Generator().manual_seed(0)
-    latents = torch.randn(1, 4, args.latent, args.latent, generator=g)
-    text = torch.randn(1, 77, 768, generator=g)
-    noise = torch.randn(latents.shape, generator=g)
+    g = torch.Generator(args.device).manual_seed(0)
+    latents = torch.randn(1, 4, args.latent, args.latent, generator=g, device=args.device)
+    text = torch.randn(1, 77, 768, generator=g, device=args.device)
+    noise = torch.randn(latents.shape, generator=g, device=args.device)
     times = []
-    with LiveTensorPeak([*model.parameters(), *model.buffers(), latents, text, noise]) as tracker:
+
+    def steps():
         for _ in range(args.steps):
             t0 = time.perf_counter()
-            t = torch.randint(0, 1000, (1,), generator=g)
+            t = torch.randint(0, 1000, (1,), generator=g, device=args.device)
             loss = (model(latents, t, encoder_hidden_states=text).sample - noise).pow(2).mean()
             if method == "sara":
                 loss = loss + rank_penalty(model, g)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
+
+    if cuda:  # the allocator's own count; the peak starts from what is allocated now (the weights)
+        torch.cuda.reset_peak_memory_stats()
+        steps()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        with LiveTensorPeak([*model.parameters(), *model.buffers(), latents, text, noise]) as tracker:
+            steps()
+        peak = tracker.peak
     base_params = sum(p.numel() for n, p in model.named_parameters() if not n.endswith("sara_values")
                       and "lora_" not in n)
-    return {"peak_gib": tracker.peak / 2**30, "state_gib": state_bytes(model) / 2**30,
+    return {"peak_gib": peak / 2**30, "state_gib": state_bytes(model) / 2**30,
             "trainable": sum(p.numel() for p in params), "params": base_params, "step_s": min(times), **extra}
 
 
-def table(rows: dict[str, dict]) -> str:
+def table(rows: dict[str, dict], device: str = "cpu") -> str:
     full = rows.get("full fine-tuning", {}).get("peak_gib")
     lora = rows.get("LoRA (peft, same budget)", {}).get("peak_gib")
     out = []
@@ -120,7 +133,7 @@ def table(rows: dict[str, dict]) -> str:
             f"{r['peak_gib'] / lora:.2f}x" if lora else "—", f"{r['state_gib']:.2f}", f"{r['step_s']:.1f}",
         ])
     return markdown_table(["method", "trainable params", "peak train memory (GiB)", "vs full", "vs LoRA",
-                           "weights+buffers+grads+AdamW (GiB)", "step time (s, CPU)"], out)
+                           "weights+buffers+grads+AdamW (GiB)", f"step time (s, {device})"], out)
 
 
 def main(argv=None) -> int:
@@ -132,6 +145,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=2, help="training steps measured (2: the steady state)")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu (live tensor bytes counted) or cuda (max_memory_allocated)")
     p.add_argument("--one", choices=list(VARIANTS), help=argparse.SUPPRESS)  # internal: measure one, print JSON
     p.add_argument("--out", type=Path, default=RESULTS / "sara_sd.md")
     args = p.parse_args(argv)
@@ -142,7 +156,7 @@ def main(argv=None) -> int:
 
     rows, start = {}, time.perf_counter()
     passed = [f"--width={args.width}", f"--fraction={args.fraction}", f"--latent={args.latent}",
-              f"--steps={args.steps}", f"--threads={args.threads}"] + ([f"--threshold={args.threshold}"]
+              f"--steps={args.steps}", f"--threads={args.threads}", f"--device={args.device}"] + ([f"--threshold={args.threshold}"]
                                                                         if args.threshold else [])
     for variant in args.variants:
         done = subprocess.run([sys.executable, "-m", "benchmarks.sara_sd", "--one", variant, *passed],
@@ -162,10 +176,15 @@ def main(argv=None) -> int:
         f"text states, 8 heads; {n:,} parameters), fp32, batch 1 of 4 x {args.latent} x {args.latent} latents, "
         f"epsilon MSE, AdamW (for-loop). SaRA trains {rule} of every Linear/Conv weight (plus its nuclear-norm "
         "penalty); LoRA (peft) is on the same modules with the rank whose trainable count is the closest to SaRA's. "
-        f"Peak: bytes of live tensor storages counted on the CPU (benchmarks.sara.LiveTensorPeak) over {args.steps} "
-        f"steps, each method in its own process; no EMA copy. Step time: fastest step on {args.threads} CPU "
-        f"thread(s), shared machine. Took {time.perf_counter() - start:.0f} s "
-        f"(`python -m benchmarks.sara_sd --width {args.width:g}`).\n\n" + table(rows)
+        + (f"Peak: torch.cuda.max_memory_allocated on {torch.cuda.get_device_name()} over {args.steps} steps"
+           if args.device.startswith("cuda") else
+           f"Peak: bytes of live tensor storages counted on the CPU (benchmarks.sara.LiveTensorPeak) over {args.steps} "
+           f"steps")
+        + f", each method in its own process; no EMA copy. Step time: fastest step ({args.device}"
+        f"{'' if args.device.startswith('cuda') else f', {args.threads} thread(s)'}). "
+        f"Took {time.perf_counter() - start:.0f} s "
+        f"(`python -m benchmarks.sara_sd --width {args.width:g} --device {args.device}`).\n\n"
+        + table(rows, args.device)
     )
     write_results(args.out, text)
     print(text)

@@ -471,8 +471,10 @@ def from_diffusers(
             "a (unet, scheduler) pair, or a UNet together with scheduler="
         )
     model = _model_from_parts(net, scheduler, pipeline, _data_shape(net, pipeline, height, width))
-    if pipeline is not None and (device is not None or dtype is not None):
-        pipeline.to(device=device, dtype=dtype)
+    # a directory's pipeline was loaded in dtype already; casting it again makes diffusers warn about to()
+    cast = None if isinstance(source, (str, os.PathLike)) else dtype
+    if pipeline is not None and (device is not None or cast is not None):
+        pipeline.to(device=device, dtype=cast)
     return model.to(device=device, dtype=dtype).eval()
 
 
