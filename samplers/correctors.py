@@ -40,8 +40,9 @@ def _langevin(score_fn, sde, x, t, n_steps, generator, step_size) -> tuple[Tenso
         score = score_fn(x, t)
         z = randn_like(x, generator)
         e = bcast(step_size(score, z, t), x)
-        x_mean = x + e * score
-        x = x_mean + torch.sqrt(2 * e) * z
+        # addcmul: one pass over the batch per update instead of a product and a sum
+        x_mean = torch.addcmul(x, e, score)
+        x = torch.addcmul(x_mean, torch.sqrt(2 * e), z)
     return x, x_mean
 
 
