@@ -6,8 +6,9 @@ prompts, every sampler starts from the same latents. Each library is measured ag
 probability-flow ODE: scorekit's dopri5 at rtol = atol = 1e-6 (then the table's first-step x0), diffusers'
 DPMSolverMultistep with 1000 steps. Errors are mean |x - x_ref| of the final latents at 5 / 10 / 20 / 50
 NFE (one guided network evaluation each), all diffusers schedulers with ``timestep_spacing="trailing"`` and
-a last step to the clean sample (``final_sigmas_type="zero"``, DDIM's ``set_alpha_to_one``), as scorekit's
-solver grid ending at ``t = 0`` does. The network's outputs are not a trained noise estimate, so this is a
+a last step to the clean sample (``final_sigmas_type="zero"``, DDIM's ``set_alpha_to_one``); scorekit's rows
+take ``n - 1`` solver steps down to the table's first timestep (where its reference ends too) and a last
+first-order step from there to ``t = 0``, which is the x0 estimate there. The network's outputs are not a trained noise estimate, so this is a
 test of the solvers on a hard, rough ODE, not of image quality.
 
     python -m benchmarks.pretrained            # about 3 minutes on 2 CPU cores
