@@ -66,16 +66,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--net", choices=["unet", "mlp"], default="unet", help="the shared digits teacher's network")
     p.add_argument("--hidden", type=int, default=512, help="MLP width (--net mlp)")
     p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--score_steps", type=int, default=4000)
+    p.add_argument("--score_steps", type=int, default=3000, help="teacher steps (3000: the shared digits teacher's)")
+    p.add_argument("--lr", type=float, default=None, help="teacher learning rate (default 2e-3 UNet, 1e-3 MLP)")
     p.add_argument("--rollouts", type=int, default=512, help="pretrained rollouts for SVDD-MC's value network")
     p.add_argument("--value_steps", type=int, default=2000)
-    p.add_argument("--cache", type=Path, default=Path("outputs/svdd_bench"), help="cached teacher and value network")
+    p.add_argument("--cache", type=Path, default=Path("outputs/svdd_bench"),
+                   help="cached teacher and value network (another benchmark's cache reuses its teacher of the same "
+                        "setting, e.g. outputs/bench_distill)")
     p.add_argument("--progress", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
         args.samples, args.score_steps, args.rollouts, args.value_steps = 64, 800, 128, 500
     t_start = time.perf_counter()
-    model, _ = digits_teacher(net=args.net, hidden=args.hidden, depth=args.depth, steps=args.score_steps, lr=1e-3,
+    lr = args.lr if args.lr is not None else (2e-3 if args.net == "unet" else 1e-3)
+    model, _ = digits_teacher(net=args.net, hidden=args.hidden, depth=args.depth, steps=args.score_steps, lr=lr,
                               cache=args.cache, progress=args.progress)
     m, n, k = args.candidates, args.samples, args.steps
     test = load_digits("test")[0]
