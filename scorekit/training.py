@@ -51,7 +51,7 @@ from .checkpoint import (
     save_json,
     save_tensors,
 )
-from .validate import fraction, non_negative, non_negative_int, positive, positive_int
+from .validate import fraction, int_at_least, non_negative, non_negative_int, positive, positive_int
 
 try:  # POSIX; elsewhere runs are not locked
     import fcntl
@@ -107,9 +107,7 @@ class TrainConfig:
     overwrite: bool = False
 
     def __post_init__(self):
-        if isinstance(self.steps, (int, float)) and self.steps < 1:  # the wording configs have always reported
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        self.steps = positive_int(self.steps, "steps")
+        self.steps = int_at_least(self.steps, 1, "steps", "optimiser steps")
         self.batch_size = positive_int(self.batch_size, "batch_size")
         self.lr = positive(self.lr, "lr")
         self.weight_decay = non_negative(self.weight_decay, "weight_decay")

@@ -57,7 +57,7 @@ def test_errors_name_the_key_and_list_the_valid_ones(tmp_path):
         load_config({"training": {"lr": "fast"}}, RunConfig)
     with pytest.raises(ValueError, match=r"training.steps: expected an integer, got 2.5"):
         load_config({"training": {"steps": 2.5}}, RunConfig)
-    with pytest.raises(ValueError, match=r"training: steps must be >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"training: steps must be an integer >= 1 \(optimiser steps\), got 0"):
         load_config({"training": {"steps": 0}}, RunConfig)
     bad = tmp_path / "bad.yaml"
     bad.write_text("training:\n  steps: 3\n lr: [1, 2\n")
