@@ -14,7 +14,7 @@
 4. **Host reads per step**: ``Tensor.item`` / ``tolist`` / ``__bool__`` calls from ``samplers/`` per sampler step
    (the every-k NaN check is the only one left).
 
-    python -m benchmarks.overhead                 # CPU, about 10-15 minutes on 2 cores
+    python -m benchmarks.overhead                 # CPU, a few minutes on 2 cores (--unet: also the real UNet, +10 min)
     python -m benchmarks.overhead --device cuda   # a minute or two
     python -m benchmarks.overhead --quick         # smoke run (seconds; numbers not meaningful)
 
@@ -192,7 +192,8 @@ def _stub(unet, shape, device: str):
     return stub
 
 
-def diffusers_rows(device: str, batch: int, size: int, steps: int, repeats: int, channels) -> list[list[str]]:
+def diffusers_rows(device: str, batch: int, size: int, steps: int, repeats: int, channels,
+                   real_unet: bool) -> list[list[str]]:
     from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 
     from scorekit.nets import make_unet
@@ -206,7 +207,8 @@ def diffusers_rows(device: str, batch: int, size: int, steps: int, repeats: int,
               lambda: DPMSolverMultistepScheduler(num_train_timesteps=1000, algorithm_type="dpmsolver++",
                                                   solver_order=2), "dpm")]
     rows = []
-    for network, net in (("UNet", unet), ("stub", _stub(unet, shape, device))):
+    networks = [("UNet", unet)] if real_unet else []
+    for network, net in (*networks, ("stub", _stub(unet, shape, device))):
         for name, scheduler, kind in pairs:
             t_net, t_diff, t_ours = _diffusers_pair(net, scheduler(), kind, shape, steps, device, repeats)
             o_diff, o_ours = (t_diff - t_net) / steps, (t_ours - t_net) / steps
@@ -276,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per loop; the fastest counts")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run, not a measurement")
+    p.add_argument("--unet", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time the loops around the real UNet (default: on CUDA only; on a CPU its seconds per "
+                        "step bury the overhead in noise, and the stub rows measure it)")
     args = p.parse_args(argv)
     quick, dev, rep = args.quick, args.device, args.repeats if not args.quick else 1
     ref_batch, ref_steps, hidden = (8, 5, 32) if quick else (256, 200, 512)
@@ -286,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     print("1/4 reference samplers", flush=True)
     ref = reference_rows(dev, ref_batch, ref_steps, rep, hidden)
     print("2/4 diffusers loops", flush=True)
-    diff = diffusers_rows(dev, unet_batch, size, unet_steps, rep, channels)
+    real_unet = args.unet if args.unet is not None else dev.startswith("cuda")
+    diff = diffusers_rows(dev, unet_batch, size, unet_steps, rep, channels, real_unet)
     print("3/4 Trainer vs bare loop", flush=True)
     train = trainer_rows(dev, train_steps)
     print("4/4 host reads per step", flush=True)
