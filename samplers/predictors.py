@@ -60,7 +60,7 @@ def ancestral(
 
     VP: ``(x + beta s) / sqrt(1 - beta) + sqrt(beta) z``; VE: ``x + (sigma^2 - sigma'^2) s +
     sqrt(sigma'^2 (sigma^2 - sigma'^2) / sigma^2) z``, with ``sigma = sigma(t)``,
-    ``sigma' = sigma(t_next)`` and ``beta`` from :meth:`VPSDE.discretize_step`.
+    ``sigma' = sigma(t_next)`` and ``beta`` from :meth:`VPSDE.step_variance`.
 
     The VP mean equals DDPM's posterior mean (Ho et al. 2020, eq. 7) written through the score; from
     a zero-terminal-SNR ``T`` (``alpha(T) = 0``, so ``beta = 1`` and the score form is ``0 / 0``) it is
@@ -74,14 +74,14 @@ def ancestral(
             "use 'reverse_diffusion' or 'euler_maruyama'"
         )
     t = batch_time(t, x, sde.T)
-    _, G = sde.discretize_step(x, t, t_next)
-    step = bcast(G**2, x)  # beta for VP, sigma^2 - sigma'^2 for VE
+    # beta for VP, sigma^2 - sigma'^2 for VE
+    step = bcast(sde.step_variance(t, batch_time(t_next, x, sde.T)).to(x.dtype), x)
     if _at_zero_snr(sde, t):
         x_mean = bcast(sde.marginal_coeffs(batch_time(t_next, x, sde.T))[0], x) * tweedie_denoise(score_fn, sde, x, t)
         return x_mean + torch.sqrt(step) * randn_like(x, generator), x_mean
     score = score_fn(x, t)
     if not sde.variance_exploding:
-        x_mean = torch.addcmul(x, step, score) / torch.sqrt(1 - step)
+        x_mean = torch.addcmul(x, step, score).div_(torch.sqrt(1 - step))
         std = torch.sqrt(step)
     else:
         sigma2 = bcast(sde.sigma(t) ** 2, x)

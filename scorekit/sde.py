@@ -278,7 +278,11 @@ class VPSDE(_LinearBeta):
         ``beta(t) / N`` to first order, the reference code's ``beta_i``.
         """
         t, s = batch_time(t, x, self.T), batch_time(s, x, self.T)
-        return _ddpm_step(x, -torch.expm1(self.integrated_beta(s) - self.integrated_beta(t)))
+        return _ddpm_step(x, self.step_variance(t, s))
+
+    def step_variance(self, t: Tensor, s: Tensor) -> Tensor:
+        """``G^2`` of :meth:`discretize_step` from ``s`` to ``t`` (its ``beta``), without touching ``x``."""
+        return -torch.expm1(self.integrated_beta(s) - self.integrated_beta(t))
 
 
 class SubVPSDE(_LinearBeta):
@@ -358,8 +362,12 @@ class VESDE(SDE):
         sampler's last step removes the ``sigma_min`` noise too.
         """
         t, s = batch_time(t, x, self.T), batch_time(s, x, self.T)
+        return torch.zeros_like(x), torch.sqrt(self.step_variance(t, s))
+
+    def step_variance(self, t: Tensor, s: Tensor) -> Tensor:
+        """``G^2 = sigma(t)^2 - sigma(s)^2`` of :meth:`discretize_step`, without touching ``x``."""
         prev = torch.where(s > 0, self.sigma(s), torch.zeros_like(s))
-        return torch.zeros_like(x), torch.sqrt(self.sigma(t) ** 2 - prev**2)
+        return self.sigma(t) ** 2 - prev**2
 
     def _params(self) -> dict:
         return {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "N": self.N}
@@ -496,8 +504,12 @@ class DiscreteVPSDE(SDE):
         """DDPM step from ``s`` to ``t`` with ``1 - beta = alpha(t)^2 / alpha(s)^2``: exact for the marginals,
         and the table's own ``beta_k`` between neighbouring steps."""
         t, s = batch_time(t, x, self.T), batch_time(s, x, self.T)
+        return _ddpm_step(x, self.step_variance(t, s).to(x.dtype))
+
+    def step_variance(self, t: Tensor, s: Tensor) -> Tensor:
+        """``G^2`` of :meth:`discretize_step` from ``s`` to ``t`` (its ``beta``), without touching ``x``."""
         ratio = self._alpha_sigma2(t)[0] / self._alpha_sigma2(s)[0]
-        return _ddpm_step(x, (1 - ratio**2).to(x.dtype))
+        return (1 - ratio**2).to(t.dtype)
 
     def _params(self) -> dict:
         return {"alphas_cumprod": self.alphas_cumprod.tolist()}
