@@ -73,12 +73,13 @@ def ancestral(
             f"not {type(sde).__name__}; "
             "use 'reverse_diffusion' or 'euler_maruyama'"
         )
-    t = batch_time(t, x, sde.T)
+    at_zero_snr = _at_zero_snr(sde, t)  # on the time as given: the samplers pass host numbers
+    t, t_next = batch_time(t, x, sde.T), batch_time(t_next, x, sde.T)
     # beta for VP, sigma^2 - sigma'^2 for VE
-    step = bcast(sde.step_variance(t, batch_time(t_next, x, sde.T)).to(x.dtype), x)
-    if _at_zero_snr(sde, t):
-        x_mean = bcast(sde.marginal_coeffs(batch_time(t_next, x, sde.T))[0], x) * tweedie_denoise(score_fn, sde, x, t)
-        return x_mean + torch.sqrt(step) * randn_like(x, generator), x_mean
+    step = bcast(sde.step_variance(t, t_next).to(x.dtype), x)
+    if at_zero_snr:
+        x_mean = bcast(sde.marginal_coeffs(t_next)[0], x) * tweedie_denoise(score_fn, sde, x, t)
+        return torch.addcmul(x_mean, torch.sqrt(step), randn_like(x, generator)), x_mean
     score = score_fn(x, t)
     if not sde.variance_exploding:
         x_mean = torch.addcmul(x, step, score).div_(torch.sqrt(1 - step))
