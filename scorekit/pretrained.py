@@ -149,17 +149,10 @@ class PretrainedScoreModel(ScoreModel):
             return self._encode_prompt(prompt, negative_prompt, guided)
         if class_labels is not None:
             return self._class_conditioning(class_labels, guided)
-        cond = super().conditioning(guided=guided, encoder_hidden_states=encoder_hidden_states,
+        return super().conditioning(guided=guided, encoder_hidden_states=encoder_hidden_states,
                                     negative_encoder_hidden_states=negative_encoder_hidden_states,
-                                    added_cond_kwargs=added_cond_kwargs)
-        if cond.uncond is not None and added_cond_kwargs is not None:
-            # the unconditional branch has its own pooled embedding: reusing the prompt's would be silently wrong
-            if negative_added_cond_kwargs is None:
-                raise ValueError("classifier-free guidance with added_cond_kwargs= needs the unconditional branch's "
-                                 "as well: pass negative_added_cond_kwargs= (SDXL: the negative pooled embedding "
-                                 "as text_embeds, and the time_ids)")
-            cond.uncond["added_cond_kwargs"] = negative_added_cond_kwargs
-        return cond
+                                    added_cond_kwargs=added_cond_kwargs,
+                                    negative_added_cond_kwargs=negative_added_cond_kwargs)
 
     def _encode_prompt(self, prompt, negative_prompt, guided: bool) -> Conditioning:
         pipe = self.pipeline

@@ -169,7 +169,7 @@ class ScoreModel(nn.Module):
 
         The keywords a model understands are those of :meth:`conditioning`: for a network that takes them,
         ``class_labels=``, ``encoder_hidden_states=`` (with ``negative_encoder_hidden_states=`` for the
-        unconditional branch) and ``added_cond_kwargs=``; pretrained pipelines add ``prompt=`` /
+        unconditional branch) and ``added_cond_kwargs=`` (with ``negative_added_cond_kwargs=``); pretrained pipelines add ``prompt=`` /
         ``negative_prompt=`` (:class:`scorekit.pretrained.PretrainedScoreModel`). ``guidance_scale`` ``w``
         turns on classifier-free guidance (Ho & Salimans 2022) when ``w > 1``, as diffusers does: one
         network call on the unconditional and conditional inputs stacked, ``out_u + w (out_c - out_u)``
@@ -182,11 +182,13 @@ class ScoreModel(nn.Module):
     def conditioning(self, *, guided: bool = False, class_labels: Tensor | None = None,
                      encoder_hidden_states: Tensor | None = None,
                      negative_encoder_hidden_states: Tensor | None = None,
-                     added_cond_kwargs: dict | None = None) -> Conditioning:
+                     added_cond_kwargs: dict | None = None,
+                     negative_added_cond_kwargs: dict | None = None) -> Conditioning:
         """The network keywords of the conditional (and, when ``guided``, the unconditional) branch.
 
         A plain network gets the tensors it is given; a guided call needs the unconditional branch
-        spelled out (``negative_encoder_hidden_states``), as a plain network has no null conditioning.
+        spelled out (``negative_encoder_hidden_states``, and ``negative_added_cond_kwargs`` with
+        ``added_cond_kwargs``), as a plain network has no null conditioning.
         """
         cond = {k: v for k, v in (("class_labels", class_labels), ("encoder_hidden_states", encoder_hidden_states),
                                   ("added_cond_kwargs", added_cond_kwargs)) if v is not None}
@@ -199,6 +201,13 @@ class ScoreModel(nn.Module):
                 raise ValueError("classifier-free guidance (guidance_scale > 1) needs the unconditional branch: "
                                  "pass negative_encoder_hidden_states= (this network has no null conditioning)")
             uncond = {**cond, "encoder_hidden_states": negative_encoder_hidden_states}
+            if added_cond_kwargs is not None:
+                # the unconditional branch has its own pooled embedding: reusing the prompt's would be silently wrong
+                if negative_added_cond_kwargs is None:
+                    raise ValueError("classifier-free guidance with added_cond_kwargs= needs the unconditional "
+                                     "branch's as well: pass negative_added_cond_kwargs= (SDXL: the negative pooled "
+                                     "embedding as text_embeds, and the time_ids)")
+                uncond["added_cond_kwargs"] = negative_added_cond_kwargs
         return Conditioning(cond, uncond)
 
     # -- latent models ---------------------------------------------------------------------------

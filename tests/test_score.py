@@ -124,3 +124,18 @@ def test_bad_inputs():
         make_unet(sample_size=6, block_out_channels=(8, 16, 32), norm_num_groups=8)
     with pytest.raises(ValueError, match="'positional' .* or 'fourier'"):
         make_unet(time_embedding="learned")
+
+
+def test_guided_conditioning_needs_the_unconditional_added_kwargs():
+    """With added_cond_kwargs (SDXL's pooled embedding), classifier-free guidance needs the unconditional branch's
+    own: reusing the prompt's for both branches would be silently wrong."""
+    model = ScoreModel(nn.Identity(), VPSDE())
+    h, h_neg = torch.ones(2, 3, 4), torch.zeros(2, 3, 4)
+    added, added_neg = {"text_embeds": torch.ones(2, 5)}, {"text_embeds": torch.zeros(2, 5)}
+    with pytest.raises(ValueError, match="needs the unconditional branch's as well: pass negative_added_cond_kwargs="):
+        model.conditioning(guided=True, encoder_hidden_states=h, negative_encoder_hidden_states=h_neg,
+                           added_cond_kwargs=added)
+    cond = model.conditioning(guided=True, encoder_hidden_states=h, negative_encoder_hidden_states=h_neg,
+                              added_cond_kwargs=added, negative_added_cond_kwargs=added_neg)
+    assert cond.cond["added_cond_kwargs"] is added and cond.uncond["added_cond_kwargs"] is added_neg
+    assert cond.uncond["encoder_hidden_states"] is h_neg
