@@ -129,8 +129,8 @@ def table(rows: dict[str, dict], device: str = "cpu") -> str:
     for name, r in rows.items():
         out.append([
             name + (f" (rank {r['rank']})" if "rank" in r else ""), f"{r['trainable']:,}",
-            f"{r['peak_gib']:.2f}", f"{r['peak_gib'] / full:.2f}x" if full else "—",
-            f"{r['peak_gib'] / lora:.2f}x" if lora else "—", f"{r['state_gib']:.2f}", f"{r['step_s']:.1f}",
+            f"{r['peak_gib']:.3f}", f"{r['peak_gib'] / full:.3f}x" if full else "—",
+            f"{r['peak_gib'] / lora:.3f}x" if lora else "—", f"{r['state_gib']:.3f}", f"{r['step_s']:.1f}",
         ])
     return markdown_table(["method", "trainable params", "peak train memory (GiB)", "vs full", "vs LoRA",
                            "weights+buffers+grads+AdamW (GiB)", f"step time (s, {device})"], out)

@@ -8,9 +8,13 @@ tensor here) become trainable, everything else stays frozen. Three further piece
   learned update low-rank (:func:`rank_penalty`);
 - a progressive step that re-selects the trainable set once during training from the weights as they
   are then (:func:`reselect`);
-- the *unstructured backpropagation*: the trainable values are scattered into the frozen dense weight
-  inside a custom autograd function whose backward returns only the gradient at the selected entries, so
-  neither the dense weight nor its gradient is ever kept for the optimizer.
+- the *unstructured backpropagation*: a custom autograd function builds the adapted weight one block of
+  output rows at a time, uses it and drops it, and its backward rebuilds it the same way and returns only the
+  gradient at the selected entries, so no dense copy of the weight or of its gradient outlives one block.
+
+The pre-trained weight itself is never written, and a selection made by magnitude is stored as its threshold,
+not as per-entry indices: SaRA's training state is the frozen model plus, per trainable entry, the value, its
+gradient and the optimizer's moments, the same as LoRA's per trainable parameter.
 
 Usage mirrors peft (``LoraConfig`` -> :class:`SaRAConfig`, ``get_peft_model`` -> :func:`apply_sara`,
 ``save_pretrained`` -> :func:`save_sara`, ``PeftModel.from_pretrained`` -> :func:`load_sara`,
@@ -43,11 +47,12 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .checkpoint import load_json, load_tensors, save_json, save_tensors
 from .validate import positive_int
@@ -136,32 +141,92 @@ class SaRAConfig:
         return torch.sort(torch.topk(mag, k, largest=False).indices).values
 
 
-class _ScatterSparse(torch.autograd.Function):
-    """SaRA's unstructured backprop: ``W[idx] <- values`` in place in the frozen dense weight ``W``;
-    the backward returns ``dL/dW`` at ``idx`` only, so no dense gradient outlives the layer's backward."""
+# At most this many weight entries (8 MiB in fp32) are built at a time by the unstructured backprop: the adapted
+# weight and its gradient exist densely for one block of output rows only, never for the whole layer. Smaller
+# blocks save memory at Stable Diffusion scale; larger ones fewer kernel launches.
+BLOCK_ENTRIES = 2**21
+
+
+def _below(w: Tensor, threshold: Tensor) -> Tensor:
+    """``|w| < threshold`` without the float temporary of ``w.abs()``."""
+    below = w > -threshold
+    return below.logical_and_(w < threshold)
+
+
+class _Block(NamedTuple):
+    """Output rows ``r0:r1`` of a weight and the slices of the layer's tensors that fall in them (host numbers)."""
+
+    r0: int
+    r1: int
+    v0: int  # sara_values[v0:v1]
+    v1: int
+    f0: int  # sara_fixed_indices / sara_fixed_values[f0:f1]
+    f1: int
+    l0: int  # sara_listed[l0:l1]
+    l1: int
+
+
+@torch.no_grad()
+def _as_threshold(weight: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
+    """``(t, listed)`` with ``{i : |w_i| < t}`` and ``listed`` together exactly the sorted flat ``indices``, and
+    ``listed`` as short as possible: empty for a set chosen by magnitude; the chosen entries tied at the boundary
+    for a top-k choice among ties; every index (``t = 0``) for a set not chosen by magnitude."""
+    flat = weight.detach().reshape(-1)
+    if not indices.numel():
+        return flat.new_zeros(()), indices
+    magnitude = flat[indices].abs()
+    top = magnitude.max()
+    above_all = torch.nextafter(top, torch.full_like(top, math.inf))
+    if int(_below(flat, above_all).sum()) == indices.numel():
+        return above_all, indices[:0]
+    tied = magnitude == top
+    if int(_below(flat, top).sum()) == indices.numel() - int(tied.sum()):
+        return top, indices[tied]
+    return flat.new_zeros(()), indices
+
+
+class _UnstructuredBackprop(torch.autograd.Function):
+    """SaRA's unstructured backprop for one layer: ``y = op(x, W')`` with ``W'`` the frozen weight ``W`` with its
+    selected entries replaced by ``values``. ``W'`` is built one block of output rows at a time, used and dropped,
+    in the forward and again in the backward, which returns ``dL/dvalues`` (the gradient at the selected entries)
+    block by block: only ``x`` is kept for the backward, as for any layer whose weight trains."""
 
     @staticmethod
-    def forward(ctx, values: Tensor, weight: Tensor, indices: Tensor, write: bool) -> Tensor:
-        if write:
-            weight.view(-1).index_put_((indices,), values)
-        ctx.save_for_backward(indices)
-        return weight.view_as(weight)
+    def forward(ctx, x: Tensor, values: Tensor, layer: SaRALayer) -> Tensor:
+        ctx.layer = layer
+        ctx.save_for_backward(x, values)
+        outs = [layer._block_op(x, layer._block_weight(b, values), (b.r0, b.r1)) for b in layer._blocks]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=layer._channel_dim(x))
 
     @staticmethod
-    def backward(ctx, grad_weight: Tensor):
-        (indices,) = ctx.saved_tensors
-        return grad_weight.reshape(-1).index_select(0, indices), None, None, None
+    @once_differentiable
+    def backward(ctx, grad_y: Tensor):
+        x, values = ctx.saved_tensors
+        layer, need_x = ctx.layer, ctx.needs_input_grad[0]
+        grad_x, grad_values, dim = None, values.new_empty(values.shape), layer._channel_dim(grad_y)
+        # One block at a time, and within it the input gradient (which needs the block's weight) before the weight
+        # gradient (which does not), so the block's weight and its dense gradient never coexist.
+        for block in layer._blocks:
+            g_y = grad_y.narrow(dim, block.r0, block.r1 - block.r0)
+            if need_x:
+                g_x = layer._input_grad(g_y, layer._block_weight(block, values), x)
+                grad_x = g_x if grad_x is None else grad_x.add_(g_x)
+                del g_x
+            grad_values[block.v0:block.v1] = layer._weight_grad(g_y, x, block).reshape(-1)[layer._block_indices(block)]
+        return (None if grad_x is None else grad_x.to(x.dtype)), grad_values, None
 
 
 class SaRALayer(nn.Module):
     """A frozen ``nn.Linear``/``nn.ConvNd`` (``base_layer``) whose selected entries are trainable.
 
-    ``sara_values`` (the only ``nn.Parameter`` that trains) holds the entries at the flat indices
-    ``sara_indices``; ``sara_fixed_indices``/``sara_fixed_values`` hold entries trained before a
-    progressive re-selection and released by it (kept, frozen); ``sara_base`` the pre-trained values at
-    ``cat(fixed, trainable)`` indices, for :func:`disable_sara`. With unstructured backprop the dense weight
-    storage holds the adapted values after each forward (written only when something changed); without
-    it the dense weight stays the pre-trained one and the adapted weight is a fresh autograd tensor.
+    ``base_layer.weight`` keeps the pre-trained values throughout (disabling or unloading just uses it).
+    ``sara_values``, the only ``nn.Parameter`` that trains, holds the selected entries in flat-index order. The
+    selection is the entries with ``|w| < sara_threshold`` on the pre-trained weight together with the sorted
+    ``sara_listed`` indices. A selection made by magnitude (:func:`apply_sara`) is the threshold alone, so SaRA
+    keeps no per-entry index (a fraction's top-k choice among entries tied at the boundary lists those few); a
+    selection no threshold reproduces (after a progressive re-selection) is listed whole, with threshold 0.
+    ``sara_fixed_indices``/``sara_fixed_values`` hold entries trained before a re-selection and released by it
+    (kept, frozen). :attr:`sara_indices` gives the trainable indices either way.
     Attributes not found here (``in_features``, ``kernel_size``, ...) are read from ``base_layer``.
     """
 
@@ -180,19 +245,26 @@ class SaRALayer(nn.Module):
         if not base_layer.weight.is_contiguous():
             base_layer.weight.data = base_layer.weight.data.contiguous()
         self.base_layer, self.config, self.enabled = base_layer, config, True
-        flat = base_layer.weight.detach().reshape(-1)
+        w = base_layer.weight.detach()
         # int32 indices halve the index memory (and file size) for any weight below 2**31 entries.
-        index_dtype = torch.int32 if flat.numel() < 2**31 else torch.int64
-        indices = indices.to(flat.device, index_dtype)
-        fixed_indices = indices[:0] if fixed_indices is None else fixed_indices.to(flat.device, index_dtype)
-        self.sara_values = nn.Parameter(flat[indices].clone())
-        self.register_buffer("sara_indices", indices)
-        self.register_buffer("sara_fixed_indices", fixed_indices)
-        self.register_buffer(
-            "sara_fixed_values", flat[fixed_indices].clone() if fixed_values is None else fixed_values.to(flat)
-        )
-        self.register_buffer("sara_base", flat[torch.cat([fixed_indices, indices])].clone())
-        self._stamp: tuple | None = None
+        self._index_dtype = torch.int32 if w.numel() < 2**31 else torch.int64
+        empty = torch.empty(0, dtype=self._index_dtype, device=w.device)
+        self.register_buffer("sara_threshold", w.new_zeros(()))
+        self.register_buffer("sara_listed", empty)
+        self.register_buffer("sara_fixed_indices", empty)
+        self.register_buffer("sara_fixed_values", w.new_empty(0))
+        self.sara_values = nn.Parameter(w.new_empty(0))
+        if isinstance(base_layer, nn.Linear):
+            self._padding, self._pre_pad = None, None
+        elif base_layer.padding_mode == "zeros" and not isinstance(base_layer.padding, str):
+            self._padding, self._pre_pad = list(base_layer.padding), None
+        else:  # padding modes and "same"/"valid" padding: pad the input first, as nn.ConvNd does for its modes
+            mode = "constant" if base_layer.padding_mode == "zeros" else base_layer.padding_mode
+            self._padding, self._pre_pad = [0] * (w.ndim - 2), (base_layer._reversed_padding_repeated_twice, mode)
+        indices = indices.to(w.device, torch.long)
+        fixed_indices = indices[:0] if fixed_indices is None else fixed_indices.to(w.device, torch.long)
+        self.set_selection(indices, w.reshape(-1)[indices],
+                           fixed_indices, w.reshape(-1)[fixed_indices] if fixed_values is None else fixed_values)
 
     def __getattr__(self, name: str):
         try:
@@ -202,7 +274,16 @@ class SaRALayer(nn.Module):
                 raise
             return getattr(self.base_layer, name)
 
-    # -- weights -----------------------------------------------------------------------------------
+    # -- the selection -----------------------------------------------------------------------------
+    @property
+    def sara_indices(self) -> Tensor:
+        """Sorted flat indices of the trainable entries (``sara_values[k]`` sits at ``sara_indices[k]``)."""
+        if not self._rule:
+            return self.sara_listed
+        below = _below(self.base_layer.weight.detach().reshape(-1), self.sara_threshold)
+        below[self.sara_listed] = True
+        return torch.nonzero(below).reshape(-1).to(self._index_dtype)
+
     def support(self) -> Tensor:
         """Flat indices of every entry the adapter may differ from the base at: ``cat(fixed, trainable)``."""
         return torch.cat([self.sara_fixed_indices, self.sara_indices])
@@ -211,84 +292,145 @@ class SaRALayer(nn.Module):
         return torch.cat([self.sara_fixed_values, self.sara_values])
 
     @torch.no_grad()
-    def dense(self, adapted: bool = True) -> Tensor:
-        """A dense copy of the adapted (or, with ``adapted=False``, the pre-trained) weight."""
-        w = self.base_layer.weight.detach().clone()
-        w.view(-1)[self.support()] = self.adapted_values() if adapted else self.sara_base
-        return w
-
-    def sparse_matrix(self) -> Tensor:
-        """``W * M``: the trainable values at their positions, zeros elsewhere (differentiable)."""
+    def set_selection(self, indices: Tensor, values: Tensor, fixed_indices: Tensor, fixed_values: Tensor) -> None:
+        """Make ``indices`` (flat, any order) trainable with ``values`` and freeze ``fixed_values`` at
+        ``fixed_indices``. The ``sara_values`` Parameter object is kept when the number of trainable entries stays
+        the same, and replaced when it changes: autograd caches a leaf's shape in its gradient accumulator, so
+        resizing ``.data`` in place breaks the next backward."""
         w = self.base_layer.weight
-        return torch.zeros(w.numel(), dtype=w.dtype, device=w.device).index_put(
-            (self.sara_indices,), self.sara_values
-        ).view_as(w)
-
-    def _current_stamp(self) -> tuple:
-        tensors = (self.sara_values, self.sara_fixed_values, self.sara_base, self.base_layer.weight)
-        # _version counts in-place updates (optimizer steps, load_state_dict, EMA lerps); data_ptr
-        # catches replaced storage (.to(), .data = ...).
-        return (self.enabled,) + tuple((t._version, t.data_ptr()) for t in tensors)
-
-    def _fresh(self) -> bool:
-        """Whether the dense storage still holds what the last write put there (nothing changed since)."""
-        return self._stamp == self._current_stamp()
-
-    def _mark_written(self) -> None:
-        self._stamp = self._current_stamp()
-
-    def weight_for_forward(self) -> Tensor:
-        """The adapted weight as the forward uses it (see the class docstring for the two paths)."""
-        w = self.base_layer.weight
-        if not self.enabled:
-            if self.config.unstructured_backprop and not self._fresh():
-                with torch.no_grad():
-                    w.view(-1).index_put_((self.support(),), self.sara_base)
-                self._mark_written()
-            return w
-        if not self.config.unstructured_backprop:
-            return w.reshape(-1).index_put((self.support(),), self.adapted_values()).view_as(w)
-        write = not self._fresh()
-        if write:
-            with torch.no_grad():
-                w.view(-1).index_put_((self.sara_fixed_indices,), self.sara_fixed_values)
-        out = _ScatterSparse.apply(self.sara_values, w, self.sara_indices, write)
-        if write:
-            self._mark_written()
-        return out
-
-    def forward(self, x: Tensor) -> Tensor:
-        w, base = self.weight_for_forward(), self.base_layer
-        if isinstance(base, nn.Linear):
-            return F.linear(x, w, base.bias)
-        return base._conv_forward(x, w, base.bias)
-
-    # -- selection changes -------------------------------------------------------------------------
-    @torch.no_grad()
-    def set_selection(self, indices: Tensor, values: Tensor, fixed_indices: Tensor, fixed_values: Tensor,
-                      base: Tensor) -> None:
-        """Replace the selection. The ``sara_values`` Parameter object is kept when the number of trainable
-        entries stays the same, and replaced by a new one when it changes: autograd caches a leaf's shape in
-        its gradient accumulator, so resizing ``.data`` in place breaks the next backward."""
-        # Put the pre-trained values back into the dense storage first: the new support may not cover
-        # entries the unstructured backprop wrote to.
-        self.base_layer.weight.view(-1).index_put_((self.support(),), self.sara_base)
-        values = values.to(self.sara_values)
+        order, fixed_order = torch.argsort(indices), torch.argsort(fixed_indices)
+        indices, values = indices[order], values.to(w)[order]
+        self.sara_threshold, listed = _as_threshold(w, indices)
+        self.sara_listed = listed.to(self._index_dtype)
+        self._rule = bool(self.sara_threshold > 0)
+        self.sara_fixed_indices = fixed_indices[fixed_order].to(self._index_dtype)
+        self.sara_fixed_values = fixed_values.to(w)[fixed_order]
         if values.shape == self.sara_values.shape:
             self.sara_values.copy_(values)
             self.sara_values.grad = None
         else:
             self.sara_values = nn.Parameter(values.clone(), requires_grad=self.sara_values.requires_grad)
-        self.sara_indices = indices.to(self.sara_indices)
-        self.sara_fixed_indices = fixed_indices.to(self.sara_fixed_indices)
-        self.sara_fixed_values = fixed_values.to(self.sara_fixed_values)
-        self.sara_base = base.to(self.sara_base)
-        self._stamp = None
+        self._plan()
+
+    @torch.no_grad()
+    def _plan(self) -> None:
+        """Split the weight into blocks of output rows (``BLOCK_ENTRIES`` each at most; one block for grouped
+        convolutions) and note, per block, its slice of ``sara_values`` and of the fixed entries (host numbers,
+        read once here, so the forward never syncs)."""
+        w = self.base_layer.weight
+        rows, per_row = w.shape[0], w[0].numel()
+        step = rows if getattr(self.base_layer, "groups", 1) > 1 else max(1, BLOCK_ENTRIES // per_row)
+        starts = list(range(0, rows, step)) + [rows]
+        first_rows = torch.tensor(starts, device=w.device)
+        bounds = (first_rows * per_row).to(self._index_dtype)
+        listed = torch.searchsorted(self.sara_listed, bounds)
+        trainable = listed
+        if self._rule:
+            counts = _below(w.reshape(rows, -1), self.sara_threshold).sum(1)
+            trainable = trainable + torch.cat([counts.new_zeros(1), counts.cumsum(0)])[first_rows]
+        fixed = torch.searchsorted(self.sara_fixed_indices, bounds)
+        t, f, li = torch.stack([trainable, fixed, listed]).tolist()
+        if t[-1] != self.sara_values.numel():
+            raise ValueError(f"{t[-1]} entries are selected but sara_values holds {self.sara_values.numel()}")
+        self._row_size = per_row
+        self._blocks = [_Block(starts[k], starts[k + 1], t[k], t[k + 1], f[k], f[k + 1], li[k], li[k + 1])
+                        for k in range(len(starts) - 1)]
+
+    def _block_indices(self, block: _Block) -> Tensor:
+        """Flat indices, within the block's rows, of the trainable entries there (ordered as ``sara_values``)."""
+        listed = self.sara_listed[block.l0:block.l1] - block.r0 * self._row_size
+        if block.v1 - block.v0 == block.l1 - block.l0:  # nothing below the threshold in these rows
+            return listed
+        rows = self.base_layer.weight.detach()[block.r0:block.r1].reshape(-1)
+        below = _below(rows, self.sara_threshold)
+        if block.l1 > block.l0:
+            below[listed] = True
+        return torch.nonzero(below).reshape(-1)
+
+    def _block_weight(self, block: _Block, values: Tensor) -> Tensor:
+        """The block's rows of the adapted weight, as a new tensor."""
+        w = self.base_layer.weight.detach()[block.r0:block.r1].clone()
+        flat = w.view(-1)
+        if block.f1 > block.f0:
+            fixed = self.sara_fixed_indices[block.f0:block.f1] - block.r0 * self._row_size
+            flat[fixed] = self.sara_fixed_values[block.f0:block.f1]
+        if block.v1 > block.v0:
+            flat[self._block_indices(block)] = values.detach()[block.v0:block.v1]
+        return w
+
+    @torch.no_grad()
+    def dense(self, adapted: bool = True) -> Tensor:
+        """A dense copy of the adapted (or, with ``adapted=False``, the pre-trained) weight."""
+        if not adapted:
+            return self.base_layer.weight.detach().clone()
+        return torch.cat([self._block_weight(block, self.sara_values) for block in self._blocks])
+
+    def sparse_matrix(self) -> Tensor:
+        """``W * M``: the trainable values at their positions, zeros elsewhere (differentiable)."""
+        w = self.base_layer.weight
+        return w.new_zeros(w.numel()).index_put((self.sara_indices,), self.sara_values).view_as(w)
+
+    # -- the layer's operation -------------------------------------------------------------------------
+    def _channel_dim(self, x: Tensor) -> int:
+        return x.ndim - 1 if isinstance(self.base_layer, nn.Linear) else 1
+
+    def _block_op(self, x: Tensor, w: Tensor, rows: tuple[int, int]) -> Tensor:
+        """The base layer's operation with output ``rows`` of the weight (``w``, those rows only) and of the bias."""
+        base = self.base_layer
+        bias = None if base.bias is None else base.bias[rows[0]:rows[1]]
+        if isinstance(base, nn.Linear):
+            return F.linear(x, w, bias)
+        return torch.convolution(x, w, bias, base.stride, self._padding, base.dilation, False,
+                                 [0] * (w.ndim - 2), base.groups)
+
+    # The block's gradients in the dtype of grad_y: under autocast the forward ran in it, as autocast's own
+    # backward assumes. Only tensor shapes are read from the placeholder weight / input (torch.nn.grad does the same).
+    def _input_grad(self, grad_y: Tensor, w: Tensor, x: Tensor) -> Tensor:
+        """``dL/dx`` of :meth:`_block_op` for the block's output gradient ``grad_y`` and weight rows ``w``."""
+        base, w = self.base_layer, w.to(grad_y.dtype)
+        if isinstance(base, nn.Linear):
+            return grad_y @ w
+        return torch.ops.aten.convolution_backward(
+            grad_y, grad_y.new_empty(1).expand(x.shape), w, None, base.stride, self._padding, base.dilation, False,
+            [0] * (w.ndim - 2), base.groups, [True, False, False])[0]
+
+    def _weight_grad(self, grad_y: Tensor, x: Tensor, block: _Block) -> Tensor:
+        """``dL/dw`` (dense, the block's rows) of :meth:`_block_op` for the block's output gradient ``grad_y``."""
+        base, x = self.base_layer, x.to(grad_y.dtype)
+        shape = (block.r1 - block.r0, *self.base_layer.weight.shape[1:])
+        if isinstance(base, nn.Linear):
+            return grad_y.reshape(-1, shape[0]).T @ x.reshape(-1, shape[1])
+        return torch.ops.aten.convolution_backward(
+            grad_y, x, grad_y.new_empty(1).expand(shape), None, base.stride, self._padding, base.dilation, False,
+            [0] * (len(shape) - 2), base.groups, [False, True, False])[1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return self.base_layer(x)
+        if self._pre_pad is not None:
+            x = F.pad(x, self._pre_pad[0], mode=self._pre_pad[1])
+        if self.config.unstructured_backprop:
+            return _UnstructuredBackprop.apply(x, self.sara_values, self)
+        w = self.base_layer.weight
+        # A dense adapted weight made by ordinary autograd ops: autograd keeps it for the input gradient.
+        adapted = w.reshape(-1).index_put((self.support(),), self.adapted_values()).view_as(w)
+        return self._block_op(x, adapted, (0, w.shape[0]))
+
+    # -- moving, casting and loading -----------------------------------------------------------------
+    def _apply(self, fn, recurse: bool = True):
+        w = self.base_layer.weight
+        # A threshold selects other entries once the weights are rounded to another dtype: list them first.
+        listed = self.sara_indices.long() if self._rule and fn(w.new_empty(0)).dtype != w.dtype else None
+        super()._apply(fn, recurse)
+        if listed is not None:
+            self.set_selection(listed.to(self.sara_values.device), self.sara_values.detach(),
+                               self.sara_fixed_indices.long(), self.sara_fixed_values)
+        return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A checkpoint written after a progressive re-selection holds selections of other sizes: resize
         # to them so that resuming works (the values are then copied in by the default loader).
-        for name in ("sara_values", "sara_indices", "sara_fixed_indices", "sara_fixed_values", "sara_base"):
+        for name in ("sara_values", "sara_listed", "sara_fixed_indices", "sara_fixed_values"):
             incoming, own = state_dict.get(prefix + name), getattr(self, name)
             if incoming is not None and incoming.shape != own.shape:
                 resized = own.new_empty(incoming.shape)
@@ -297,12 +439,14 @@ class SaRALayer(nn.Module):
                 else:
                     setattr(self, name, resized)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._stamp = None
+        self._rule = bool(self.sara_threshold > 0)
+        self._plan()
 
     def extra_repr(self) -> str:
         n = self.base_layer.weight.numel()
-        return (f"trainable={self.sara_indices.numel()}/{n}, fixed={self.sara_fixed_indices.numel()}, "
-                f"enabled={self.enabled}, unstructured_backprop={self.config.unstructured_backprop}")
+        return (f"trainable={self.sara_values.numel()}/{n}, fixed={self.sara_fixed_indices.numel()}, "
+                f"listed={self.sara_listed.numel()}, enabled={self.enabled}, "
+                f"unstructured_backprop={self.config.unstructured_backprop}")
 
 
 # -- module discovery ---------------------------------------------------------------------------------
@@ -369,19 +513,22 @@ def _is_diffusers_model(module: nn.Module) -> bool:
 def _plain_modules(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` with every SaRA layer swapped for its base layer holding the values the model computes with
     now (adapted, or pre-trained where disabled); the layers and the pre-trained storage come back on exit."""
-    layers = _sara_layers(model)
+    layers, kept = _sara_layers(model), {}
     with torch.no_grad():
         for name, layer in layers.items():
-            values = layer.adapted_values() if layer.enabled else layer.sara_base
-            layer.base_layer.weight.view(-1).index_put_((layer.support(),), values.detach())
+            if layer.enabled:
+                support, flat = layer.support().long(), layer.base_layer.weight.view(-1)
+                kept[name] = support, flat[support].clone()
+                flat[support] = layer.adapted_values().detach()
             model = _replace(model, name, layer.base_layer)
     try:
         yield model
     finally:
         with torch.no_grad():
             for name, layer in layers.items():
-                layer.base_layer.weight.view(-1).index_put_((layer.support(),), layer.sara_base)
-                layer._stamp = None  # the next forward writes what it needs
+                if name in kept:
+                    support, values = kept[name]
+                    layer.base_layer.weight.view(-1)[support] = values
                 _replace(model, name, layer)
 
 
@@ -626,13 +773,14 @@ def load_sara(model: nn.Module, state_or_path: dict[str, Any] | str | os.PathLik
         if isinstance(module, SaRALayer):
             layer = module
             layer.config = config
-            base_values = layer.dense(adapted=False).view(-1)
-            layer.set_selection(idx, parts["sara_values"], fixed, parts["sara_fixed_values"],
-                                base_values[torch.cat([fixed, idx]).to(base_values.device, torch.long)])
+            device = layer.sara_values.device
+            layer.set_selection(idx.to(device, torch.long), parts["sara_values"], fixed.to(device, torch.long),
+                                parts["sara_fixed_values"])
         else:
             layer = SaRALayer(module, idx, config, fixed, parts["sara_fixed_values"])
-            with torch.no_grad():
-                layer.sara_values.copy_(parts["sara_values"])
+            device = layer.sara_values.device
+            layer.set_selection(idx.to(device, torch.long), parts["sara_values"], fixed.to(device, torch.long),
+                                parts["sara_fixed_values"])
             model = _replace(model, name, layer)
     _patch_save_pretrained(model)
     return model
@@ -667,8 +815,6 @@ def unload_sara(model: nn.Module) -> nn.Module:
     """Drop the adapter without merging (peft's ``unload``): the plain model with its pre-trained weights and
     original module types. Its parameters stay frozen; save the adapter first (:func:`save_sara`) to keep it."""
     for name, layer in _require_layers(model, "unload_sara").items():
-        with torch.no_grad():
-            layer.base_layer.weight.view(-1).index_put_((layer.support(),), layer.sara_base)
         model = _replace(model, name, layer.base_layer)
     _unpatch_save_pretrained(model)
     return model
@@ -773,11 +919,11 @@ def reselect(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -
     total = 0
     for layer in _require_layers(model, "reselect").values():
         old_param = layer.sara_values
-        current, pretrained = layer.dense(adapted=True).view(-1), layer.dense(adapted=False).view(-1)
-        old = layer.support()
-        new = layer.config.select(current).to(old.dtype)
+        current = layer.dense(adapted=True).view(-1)
+        old = layer.support().long()
+        new = layer.config.select(current)
         released = old[~torch.isin(old, new)]
-        layer.set_selection(new, current[new], released, current[released], pretrained[torch.cat([released, new])])
+        layer.set_selection(new, current[new], released, current[released])
         if optimizer is not None:
             optimizer.state.pop(old_param, None)
             for group in optimizer.param_groups:
