@@ -17,6 +17,12 @@ from .hooks import Guidance, ScoreFn, apply_score_guidance
 CHECK_EVERY = 32
 
 
+def add_scaled(x: Tensor, a: Tensor | float, y: Tensor) -> Tensor:
+    """``x + a y`` in one pass over the batch, ``a`` a host number (``torch.add``'s ``alpha``) or a tensor that
+    broadcasts against ``y`` (``addcmul``): the samplers' updates, one kernel instead of a product and a sum."""
+    return torch.addcmul(x, a, y) if torch.is_tensor(a) else torch.add(x, y, alpha=a)
+
+
 def randn_like(x: Tensor, generator: torch.Generator | StackedGenerator | None) -> Tensor:
     """Standard normal noise of ``x``'s shape, dtype and device, drawn from ``generator`` (a per-sample
     :class:`StackedGenerator` too: the samplers' noise draws all come through here)."""
@@ -158,6 +164,11 @@ class CheckedScore:
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         return self._checked(self.score_fn(x, t), x, t)
+
+    @property
+    def host_time(self) -> bool:
+        """Whether the wrapped function takes a host time (:class:`~scorekit.score.ScoreFn`)."""
+        return getattr(self.score_fn, "host_time", False)
 
     @property
     def denoise(self) -> ScoreFn:

@@ -11,9 +11,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from scorekit.sde import SDE, batch_time, bcast
+from scorekit.score import score_time
+from scorekit.sde import SDE, as_time, bcast, lib_for
 
-from ._common import ScoreFn, randn_like
+from ._common import ScoreFn, add_scaled, randn_like
 from .generators import StackedGenerator, stream_mean
 
 __all__ = ["langevin", "annealed_langevin", "CORRECTORS", "Corrector"]
@@ -21,11 +22,11 @@ __all__ = ["langevin", "annealed_langevin", "CORRECTORS", "Corrector"]
 Corrector = Callable[..., tuple[Tensor, Tensor]]
 
 
-def _alpha(sde: SDE, t: Tensor) -> Tensor:
+def _alpha(sde: SDE, t: Tensor | float) -> Tensor | float:
     # Alg. 5 scales the step by alpha_i = 1 - beta_i of the N-step DDPM schedule; the reference code
-    # does so for sub-VP too, and uses 1 for VE (Alg. 4).
+    # does so for sub-VP too, and uses 1 for VE (Alg. 4). A host number for a host t.
     if sde.variance_exploding:
-        return torch.ones_like(t)
+        return torch.ones_like(t) if torch.is_tensor(t) else 1.0
     return 1 - sde.discrete_beta(t)
 
 
@@ -34,15 +35,16 @@ def _mean_norm(v: Tensor, generator) -> Tensor:
 
 
 def _langevin(score_fn, sde, x, t, n_steps, generator, step_size) -> tuple[Tensor, Tensor]:
-    t = batch_time(t, x, sde.T)
+    # the step size's coefficients at t (a host number stays one), the score at the time it takes
+    t, t_score = as_time(t, x, sde.T), score_time(score_fn, x, t, sde.T)
     x_mean = x
     for _ in range(n_steps):
-        score = score_fn(x, t)
+        score = score_fn(x, t_score)
         z = randn_like(x, generator)
         e = bcast(step_size(score, z, t), x)
-        # addcmul: one pass over the batch per update instead of a product and a sum
-        x_mean = torch.addcmul(x, e, score)
-        x = torch.addcmul(x_mean, torch.sqrt(2 * e), z)
+        # one pass over the batch per update instead of a product and a sum
+        x_mean = add_scaled(x, e, score)
+        x = add_scaled(x_mean, lib_for(e).sqrt(2 * e), z)
     return x, x_mean
 
 
@@ -58,13 +60,13 @@ def langevin(score_fn: ScoreFn, sde: SDE, x: Tensor, t, *, snr: float, n_steps: 
     rule): the rule a batch of one follows, so that a sample does not depend on its batch.
     """
 
-    def step_size(score: Tensor, z: Tensor, t: Tensor) -> Tensor:
+    def step_size(score: Tensor, z: Tensor, t: Tensor | float) -> Tensor:
         score_norm = _mean_norm(score, generator)
         e = 2 * _alpha(sde, t) * (snr * _mean_norm(z, generator) / score_norm) ** 2
         # a vanishing score (e.g. a zero-initialised output layer) leaves the rule without a scale: the
         # step would be infinite, so the chain stays put instead of turning x into NaN; torch.where
         # keeps this off the host (no device sync per corrector step)
-        return torch.where(score_norm > 0, e, torch.zeros_like(e))
+        return torch.where(score_norm > 0, e, 0.0)
 
     return _langevin(score_fn, sde, x, t, n_steps, generator, step_size)
 
@@ -74,7 +76,7 @@ def annealed_langevin(score_fn: ScoreFn, sde: SDE, x: Tensor, t, *, snr: float, 
     """Annealed Langevin dynamics (Song & Ermon 2019) with ``e = 2 alpha (snr sigma(t))^2``, ``sigma(t)``
     the marginal std, as the reference code's ``AnnealedLangevinDynamics``."""
 
-    def step_size(score: Tensor, z: Tensor, t: Tensor) -> Tensor:
+    def step_size(score: Tensor, z: Tensor, t: Tensor | float) -> Tensor | float:
         return 2 * _alpha(sde, t) * (snr * sde.marginal_coeffs(t)[1]) ** 2
 
     return _langevin(score_fn, sde, x, t, n_steps, generator, step_size)

@@ -44,11 +44,25 @@ def solver_time_grid(sde: SDE, steps: int, eps: float, kind: str | None = None, 
     - ``"logsnr"``: uniform in ``lambda = log(alpha / sigma)`` (DPM-Solver's ``logSNR``);
     - ``"quadratic"``: uniform in ``sqrt(t)`` (DPM-Solver's ``time_quadratic``);
     - ``"karras"``: Karras et al. (2022) eq. 5 on the noise level ``sigma / alpha`` with ``rho``.
+
+    With zero terminal SNR there is no log-SNR or noise level at ``T`` to space from: the first step then leaves
+    ``T`` (pure noise, where the data prediction is the network's own) for the table's last finite level,
+    ``T (1 - 1/N)``, and the ``"logsnr"`` / ``"karras"`` spacing runs from there.
     """
     kind = default_time_grid(sde) if kind is None else kind
     if kind not in TIME_GRIDS:
         raise ValueError(f"unknown time grid {kind!r}; valid names are {list(TIME_GRIDS)}")
-    ends = torch.tensor([sde.T, eps], dtype=torch.float64)
+    if kind in ("logsnr", "karras") and getattr(sde, "zero_terminal_snr", False):
+        if steps == 1:
+            return torch.tensor([sde.T, eps], dtype=torch.float64)
+        rest = _spaced(sde, sde.T * (1 - 1 / sde.N), eps, steps - 1, kind, rho)
+        return torch.cat([torch.tensor([sde.T], dtype=torch.float64), rest])
+    return _spaced(sde, sde.T, eps, steps, kind, rho)
+
+
+def _spaced(sde: SDE, start: float, end: float, steps: int, kind: str, rho: float) -> Tensor:
+    """``steps + 1`` times from ``start`` to ``end`` spaced by ``kind`` (see :func:`solver_time_grid`)."""
+    ends = torch.tensor([start, end], dtype=torch.float64)
     u = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
     if kind == "time_uniform":
         return ends[0] + u * (ends[1] - ends[0])
@@ -73,7 +87,8 @@ def dpm_solver_2m(
     last two data predictions, ``D = (1 + 1/(2r)) x0_{i-1} - 1/(2r) x0_{i-2}`` with ``r = h_{i-1} / h_i``,
     and ``x_i = sigma_i / sigma_{i-1} x_{i-1} + alpha_i (1 - e^{-h_i}) D``. With ``lower_order_final``
     the last step is first order too, as diffusers does for few steps. The coefficients are host numbers
-    computed once from the float64 grid, so the loop never reads the device.
+    computed once from the float64 grid, so the loop never reads the device, and the score is evaluated at
+    the grid's host times (:func:`~scorekit.score.score_time`); each update is two or three fused passes.
     """
     ts = timesteps.detach().to("cpu", torch.float64)
     alpha, sigma = (c.tolist() for c in sde.marginal_coeffs(ts))
@@ -84,11 +99,11 @@ def dpm_solver_2m(
     for i in tqdm(range(1, n + 1), desc=desc, disable=not progress):
         x0 = tweedie_denoise(score_fn, sde, x, ts[i - 1])
         h = lam[i] - lam[i - 1]
-        if x0_prev is None or (lower_order_final and i == n):  # first order (DDIM)
-            d = x0
-        else:  # second order (Alg. 2)
+        c_x, c_d = sigma[i] / sigma[i - 1], alpha[i] * -math.expm1(-h)  # x_i = c_x x_{i-1} + c_d D
+        if x0_prev is None or (lower_order_final and i == n):  # first order (DDIM): D = x0
+            x = torch.add(c_x * x, x0, alpha=c_d)
+        else:  # second order (Alg. 2), D's two terms folded into the update's coefficients
             r = (lam[i - 1] - lam[i - 2]) / h
-            d = (1 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
-        x = (sigma[i] / sigma[i - 1]) * x + (alpha[i] * -math.expm1(-h)) * d
+            x = torch.add(c_x * x, x0, alpha=c_d * (1 + 0.5 / r)).sub_(x0_prev, alpha=c_d * 0.5 / r)
         x0_prev = x0
     return x

@@ -7,7 +7,9 @@ tensors of shape ``(batch,)``; the functions are batch-agnostic. ``t_next = 0`` 
 
 The reference code ties the discrete steps to ``N`` (``dt = -1/N``, ``beta_i``, ``sigma_i``), which is
 only right when sampling with ``N`` steps. Here every coefficient is derived from ``t`` and ``t_next``
-(:meth:`SDE.discretize_step`), so any number of steps discretizes the same process.
+(:meth:`SDE.discretize_step`), so any number of steps discretizes the same process. For host times (the
+samplers pass their grid's numbers) the coefficients are host numbers, and a step's tensor work is the few
+fused passes that apply them to the state.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from scorekit.score import tweedie_denoise
-from scorekit.sde import SDE, VESDE, VPSDE, DiscreteVPSDE, batch_time, bcast
+from scorekit.score import score_time, tweedie_denoise
+from scorekit.sde import SDE, VESDE, VPSDE, DiscreteVPSDE, as_coeff, as_time, batch_time, bcast, lib_for
 
-from ._common import ScoreFn, randn_like
+from ._common import ScoreFn, add_scaled, randn_like
 from .generators import StackedGenerator
 
 __all__ = ["euler_maruyama", "reverse_diffusion", "ancestral", "PREDICTORS", "Predictor"]
@@ -49,7 +51,7 @@ def reverse_diffusion(
     f, G = sde.discretize_step(x, t, t_next)
     G = bcast(G, x)
     # addcmul: one pass per update instead of a product and a sum (the sampler's own cost beside the network)
-    x_mean = torch.addcmul(x - f, G**2, score_fn(x, batch_time(t, x, sde.T)))
+    x_mean = torch.addcmul(x - f, G**2, score_fn(x, score_time(score_fn, x, t, sde.T)))
     return torch.addcmul(x_mean, G, randn_like(x, generator)), x_mean
 
 
@@ -74,21 +76,22 @@ def ancestral(
             "use 'reverse_diffusion' or 'euler_maruyama'"
         )
     at_zero_snr = _at_zero_snr(sde, t)  # on the time as given: the samplers pass host numbers
-    t, t_next = batch_time(t, x, sde.T), batch_time(t_next, x, sde.T)
-    # beta for VP, sigma^2 - sigma'^2 for VE
-    step = bcast(sde.step_variance(t, t_next).to(x.dtype), x)
+    t, t_next = as_time(t, x, sde.T), as_time(t_next, x, sde.T)
+    # beta for VP, sigma^2 - sigma'^2 for VE: a host number for host times
+    step = as_coeff(sde.step_variance(t, t_next), x)
+    sqrt = lib_for(step).sqrt
     if at_zero_snr:
         x_mean = bcast(sde.marginal_coeffs(t_next)[0], x) * tweedie_denoise(score_fn, sde, x, t)
-        return torch.addcmul(x_mean, torch.sqrt(step), randn_like(x, generator)), x_mean
-    score = score_fn(x, t)
+        return add_scaled(x_mean, sqrt(step), randn_like(x, generator)), x_mean
+    score = score_fn(x, score_time(score_fn, x, t, sde.T))
     if not sde.variance_exploding:
-        x_mean = torch.addcmul(x, step, score).div_(torch.sqrt(1 - step))
-        std = torch.sqrt(step)
+        x_mean = add_scaled(x, step, score).div_(sqrt(1 - step))
+        std = sqrt(step)
     else:
         sigma2 = bcast(sde.sigma(t) ** 2, x)
-        x_mean = torch.addcmul(x, step, score)
-        std = torch.sqrt((sigma2 - step) * step / sigma2)
-    return torch.addcmul(x_mean, std, randn_like(x, generator)), x_mean
+        x_mean = add_scaled(x, step, score)
+        std = sqrt((sigma2 - step) * step / sigma2)
+    return add_scaled(x_mean, std, randn_like(x, generator)), x_mean
 
 
 def _at_zero_snr(sde: SDE, t) -> bool:

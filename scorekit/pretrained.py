@@ -121,10 +121,10 @@ class PretrainedScoreModel(ScoreModel):
         self.learned_variance = _get(config, "out_channels") == 2 * _get(config, "in_channels")
 
     # -- the network -------------------------------------------------------------------------------
-    def network_time(self, t: Tensor) -> Tensor:
+    def network_time(self, t: Tensor | float) -> Tensor | float:
         k = self.sde.timestep(t)
         if _get(getattr(self.net, "config", {}), "time_embedding_type") == "learned":
-            return k.round().long()
+            return k.round().long() if torch.is_tensor(k) else round(k)
         return k
 
     # -- conditioning ------------------------------------------------------------------------------

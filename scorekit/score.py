@@ -13,11 +13,11 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from .sde import SDE, batch_time, bcast
+from .sde import SDE, as_coeff, as_time, batch_time, bcast, lib_for
 from .validate import non_negative
 
-__all__ = ["ScoreFn", "ScoreModel", "ConditionedScore", "Conditioning", "tweedie_denoise", "tile", "PREDICTIONS",
-           "TIME_INPUTS", "data_shape_of"]
+__all__ = ["ScoreFn", "ScoreModel", "ConditionedScore", "Conditioning", "tweedie_denoise", "score_time", "tile",
+           "PREDICTIONS", "TIME_INPUTS", "data_shape_of"]
 
 PREDICTIONS = ("eps", "score", "x0", "v")
 TIME_INPUTS = ("index", "t", "sigma", "log_sigma")
@@ -25,9 +25,22 @@ TIME_INPUTS = ("index", "t", "sigma", "log_sigma")
 
 @runtime_checkable
 class ScoreFn(Protocol):
-    """``score_fn(x, t)``: ``grad_x log p_t(x)``; ``x`` of shape ``(batch, ...)``, ``t`` of shape ``(batch,)``."""
+    """``score_fn(x, t)``: ``grad_x log p_t(x)``; ``x`` of shape ``(batch, ...)``, ``t`` of shape ``(batch,)``.
+
+    A score function whose ``host_time`` attribute is true (:class:`ScoreModel`, and the wrappers that forward
+    it) also takes ``t`` as a host number, one time for the whole batch: the samplers then pass their grid's
+    numbers as they are (:func:`score_time`), so that its coefficients are host numbers too.
+    """
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor: ...
+
+
+def score_time(score_fn: ScoreFn, x: Tensor, t: Tensor | float, T: float = 1.0) -> Tensor | float:
+    """The time to call ``score_fn`` with for the state ``x``: a host number as it is where ``score_fn`` takes one
+    (``host_time``), else :func:`~scorekit.sde.batch_time`'s ``(batch,)`` tensor, the protocol's time."""
+    if getattr(score_fn, "host_time", False):
+        return as_time(t, x, T)
+    return batch_time(t, x, T)
 
 
 def data_shape_of(net: nn.Module) -> tuple[int, ...] | None:
@@ -60,6 +73,9 @@ class ScoreModel(nn.Module):
 
     #: whether the network needs conditioning (a prompt, a class): then only :meth:`condition` evaluates it
     requires_condition: bool = False
+    #: it takes a host time for the whole batch (see :class:`ScoreFn`) and computes its coefficients on the host; a
+    #: subclass whose hooks (:meth:`coeffs`, :meth:`network_time`) need tensors of time sets it to False
+    host_time: bool = True
     #: whether the network's output stacks a learned variance after its prediction (``2 C`` channels)
     learned_variance: bool = False
     condition_help: str = "class_labels=, encoder_hidden_states="
@@ -85,18 +101,18 @@ class ScoreModel(nn.Module):
         self.data_shape = tuple(data_shape) if data_shape is not None else data_shape_of(net)
 
     # -- hooks a subclass may override (pretrained discrete-time models do) -----------------------
-    def coeffs(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        """``(alpha(t), sigma(t))`` used to convert the network output to a score."""
+    def coeffs(self, t: Tensor | float) -> tuple[Tensor, Tensor] | tuple[float, float]:
+        """``(alpha(t), sigma(t))`` used to convert the network output to a score (host numbers for a host ``t``)."""
         return self.sde.marginal_coeffs(t)
 
-    def network_time(self, t: Tensor) -> Tensor:
-        """The conditioning value ``c(t)`` passed to the network."""
+    def network_time(self, t: Tensor | float) -> Tensor | float:
+        """The conditioning value ``c(t)`` passed to the network (a host number for a host ``t``)."""
         if self.time_input == "index":
             return t * (self.sde.N - 1)
         if self.time_input == "t":
             return t
         sigma = self.sde.marginal_coeffs(t)[1]
-        return sigma if self.time_input == "sigma" else torch.log(sigma)
+        return sigma if self.time_input == "sigma" else lib_for(sigma).log(sigma)
 
     # -- evaluation ------------------------------------------------------------------------------
     def check_input(self, x: Tensor) -> None:
@@ -114,13 +130,16 @@ class ScoreModel(nn.Module):
         if self.requires_condition and not net_kwargs:
             raise ValueError(f"this {type(self.net).__name__} model is conditional: call model.condition(...) "
                              f"({self.condition_help}) and sample with the score function it returns")
-        return self._net(x, batch_time(t, x, self.sde.T), net_kwargs or {})
+        return self._net(x, as_time(t, x, self.sde.T), net_kwargs or {})
 
-    def _net(self, x: Tensor, t: Tensor, net_kwargs: dict) -> Tensor:
+    def _net(self, x: Tensor, t: Tensor | float, net_kwargs: dict) -> Tensor:
         # the network may run in a lower precision than the sampler's state (from_diffusers(dtype=...))
         param = next(self.net.parameters(), None)
         dtype = x.dtype if param is None or not param.is_floating_point() else param.dtype
-        out = self.net(x.to(dtype), self.network_time(t), **net_kwargs)
+        c = self.network_time(t)
+        if not torch.is_tensor(c):  # a host time: the network still takes one value per sample
+            c = torch.full((x.shape[0],), c, dtype=x.dtype if isinstance(c, float) else torch.long, device=x.device)
+        out = self.net(x.to(dtype), c, **net_kwargs)
         out = getattr(out, "sample", out)
         if self.learned_variance:  # noise and a variance: only the noise half is read (as DiTPipeline)
             out = out[:, : x.shape[1]]
@@ -128,23 +147,30 @@ class ScoreModel(nn.Module):
             raise ValueError(f"the network returned shape {tuple(out.shape)} for input of shape {tuple(x.shape)}")
         return out.to(x.dtype)
 
-    def to_score(self, out: Tensor, x: Tensor, t: Tensor) -> Tensor:
-        """The score implied by the network output ``out`` at ``(x, t)`` (``t`` of shape ``(batch,)``)."""
-        alpha, sigma = (bcast(c.to(out.dtype), x) for c in self.coeffs(t))
+    def _state_coeffs(self, out: Tensor, t: Tensor | float) -> tuple[Tensor, Tensor] | tuple[float, float]:
+        """:meth:`coeffs` ready to scale ``out``: per-sample tensors in its dtype, or host numbers (then each
+        conversion is a pass or two over the batch, as in a diffusers scheduler's step)."""
+        alpha, sigma = self.coeffs(t)
+        return as_coeff(alpha, out), as_coeff(sigma, out)
+
+    def to_score(self, out: Tensor, x: Tensor, t: Tensor | float) -> Tensor:
+        """The score implied by the network output ``out`` at ``(x, t)`` (``t`` of shape ``(batch,)``, or a host
+        number)."""
+        alpha, sigma = self._state_coeffs(out, t)
         if self.prediction == "score":
             return out
         if self.prediction == "eps":
-            return -out / sigma
+            return out / -sigma
         if self.prediction == "x0":
             return (alpha * out - x) / sigma**2
         eps = (sigma * x + alpha * out) / (alpha**2 + sigma**2)
         return -eps / sigma
 
-    def to_x0(self, out: Tensor, x: Tensor, t: Tensor) -> Tensor:
+    def to_x0(self, out: Tensor, x: Tensor, t: Tensor | float) -> Tensor:
         """The clean-sample estimate ``E[x0 | x_t]`` implied by ``out``, read off the network's own
         parameterization, so that it stays defined where ``alpha(t) = 0`` for ``x0`` and ``v`` models
         (zero terminal SNR), where Tweedie's formula through the score is ``0 / 0``."""
-        alpha, sigma = (bcast(c.to(out.dtype), x) for c in self.coeffs(t))
+        alpha, sigma = self._state_coeffs(out, t)
         if self.prediction == "x0":
             return out
         if self.prediction == "v":
@@ -153,14 +179,14 @@ class ScoreModel(nn.Module):
             return (x - sigma * out) / alpha
         return (x + sigma**2 * out) / alpha
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
         """``grad_x log p_t(x)``."""
-        t = batch_time(t, x, self.sde.T)
+        t = as_time(t, x, self.sde.T)
         return self.to_score(self.raw(x, t), x, t)
 
-    def denoise(self, x: Tensor, t: Tensor) -> Tensor:
+    def denoise(self, x: Tensor, t: Tensor | float) -> Tensor:
         """``E[x0 | x_t = x]`` from the network's output (what :func:`tweedie_denoise` uses for a model)."""
-        t = batch_time(t, x, self.sde.T)
+        t = as_time(t, x, self.sde.T)
         return self.to_x0(self.raw(x, t), x, t)
 
     # -- conditioning ----------------------------------------------------------------------------
@@ -290,7 +316,12 @@ class ConditionedScore:
         return (f"ConditionedScore(batch={self.batch}, guidance_scale={self.guidance_scale}, "
                 f"keys={sorted(self.conditioning.cond)})")
 
-    def output(self, x: Tensor, t: Tensor) -> Tensor:
+    @property
+    def host_time(self) -> bool:
+        """The model's: a host time goes through to it (:class:`ScoreFn`)."""
+        return self.model.host_time
+
+    def output(self, x: Tensor, t: Tensor | float) -> Tensor:
         """The network output under the conditioning (classifier-free guided when ``guidance_scale > 1``)."""
         n = x.shape[0]
         if n % self.batch:
@@ -298,19 +329,19 @@ class ConditionedScore:
                              f"sample batch must be a multiple of it (k stacked copies, x.repeat(k, ...))")
         k = n // self.batch
         cond = tile(self.conditioning.cond, k)
-        t = batch_time(t, x, self.sde.T)
+        t = as_time(t, x, self.sde.T)
         if not self.guided:
             return self.model.raw(x, t, cond)
         both = _cat(tile(self.conditioning.uncond, k), cond)
-        out_u, out_c = self.model.raw(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        out_u, out_c = self.model.raw(torch.cat([x, x]), _cat(t, t), both).chunk(2)
         return out_u + self.guidance_scale * (out_c - out_u)
 
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        t = batch_time(t, x, self.sde.T)
+    def __call__(self, x: Tensor, t: Tensor | float) -> Tensor:
+        t = as_time(t, x, self.sde.T)
         return self.model.to_score(self.output(x, t), x, t)
 
-    def denoise(self, x: Tensor, t: Tensor) -> Tensor:
-        t = batch_time(t, x, self.sde.T)
+    def denoise(self, x: Tensor, t: Tensor | float) -> Tensor:
+        t = as_time(t, x, self.sde.T)
         return self.model.to_x0(self.output(x, t), x, t)
 
 
@@ -321,9 +352,10 @@ def tweedie_denoise(score_fn: ScoreFn, sde: SDE, x: Tensor, t: Tensor | float) -
     denoiser the score implies. A score function that carries its own ``denoise(x, t)`` (a
     :class:`ScoreModel`, or one bound to a conditioning) is asked for it instead: the same number where
     ``alpha > 0``, and defined at zero terminal SNR. Minority score, SVDD's posterior-mean value,
-    DPM-Solver and Noise2Score reuse it.
+    DPM-Solver and Noise2Score reuse it. A host ``t`` stays one for a score function that takes it
+    (:func:`score_time`), so that the conversion's coefficients are host numbers.
     """
-    t = batch_time(t, x, sde.T)
+    t = score_time(score_fn, x, t, sde.T)
     denoise = getattr(score_fn, "denoise", None)
     if denoise is not None:
         return denoise(x, t)

@@ -5,12 +5,21 @@ here has an affine Gaussian transition kernel, ``x_t = alpha(t) x_0 + sigma(t) z
 ``(alpha, sigma)`` is :meth:`SDE.marginal_coeffs`, from which ``marginal_prob``, the log-SNR and the
 Tweedie denoiser follow. The method names match the reference code (``sde_lib.py``) so that users of
 score_sde feel at home.
+
+The samplers' time grids are host numbers, one time for the whole batch. The methods of time alone that a
+step needs (``marginal_coeffs``, ``step_variance``, ``discrete_beta``, ``sigma``, ``timestep``) therefore also
+take a host number and then return Python floats, computed in float64 without a tensor op, as a diffusers
+scheduler computes its step's coefficients; the methods that take ``x`` return tensors either way, and from a
+host time spend their tensor operations on applying the coefficients to ``x`` only. Tensors of per-sample
+times take the tensor path.
 """
 
 from __future__ import annotations
 
 import abc
+import functools
 import math
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,12 +30,64 @@ from .validate import positive_int
 if TYPE_CHECKING:  # score.py imports this module
     from .score import ScoreFn
 
-__all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "DiscreteVPSDE", "ReverseSDE", "SDES", "make_sde", "batch_time", "bcast"]
+__all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "DiscreteVPSDE", "ReverseSDE", "SDES", "make_sde", "batch_time", "bcast",
+           "as_time", "as_coeff", "lib_for"]
 
 
-def bcast(v: Tensor, x: Tensor) -> Tensor:
-    """Reshape a per-sample vector ``v`` of shape ``(batch,)`` so that it broadcasts against ``x``."""
+def bcast(v: Tensor | float, x: Tensor) -> Tensor | float:
+    """Reshape a per-sample vector ``v`` of shape ``(batch,)`` so that it broadcasts against ``x``; a host
+    number (one coefficient for the whole batch) broadcasts as it is."""
+    if not torch.is_tensor(v):
+        return v
     return v.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def as_coeff(c: Tensor | float, x: Tensor) -> Tensor | float:
+    """A coefficient ready to scale the state ``x``: a per-sample tensor in ``x``'s dtype, shaped to broadcast
+    against it (:func:`bcast`), or a host number as it is."""
+    return bcast(c.to(x.dtype), x) if torch.is_tensor(c) else c
+
+
+def lib_for(*values: Tensor | float) -> ModuleType:
+    """The module of elementary functions (``exp``, ``expm1``, ``sqrt``, ``log``, ``floor``) for ``values``:
+    ``torch`` where any is a tensor, else ``math``, so that one formula serves per-sample times and a host
+    time (evaluated in float64, without a tensor op)."""
+    return torch if any(torch.is_tensor(v) for v in values) else math
+
+
+def as_time(t: Tensor | float, x: Tensor, T: float = 1.0) -> Tensor | float:
+    """``t`` for the time-only methods: a host number stays a Python float (its coefficients are then host
+    numbers), checked as :func:`batch_time` checks a tensor; a tensor becomes :func:`batch_time`'s ``(batch,)``
+    tensor."""
+    if torch.is_tensor(t):
+        return batch_time(t, x, T)
+    if x.ndim == 0:
+        raise ValueError("x must have a batch dimension: expected shape (batch, ...), got a scalar")
+    t = float(t)
+    if not -1e-6 * T <= t <= T * (1 + 1e-6):  # NaN fails too
+        raise ValueError(f"t must lie in [0, {T}] (continuous time); got {t}")
+    return t
+
+
+def _cast(v: Tensor | float, like: Tensor | float) -> Tensor | float:
+    """A coefficient ``v`` in the dtype of ``like`` (the time it was computed for, or the state) where both are
+    tensors; host numbers stay Python floats."""
+    return v.to(like.dtype) if torch.is_tensor(v) and torch.is_tensor(like) else v
+
+
+def _step_index(k: Tensor | float, N: int) -> Tensor | int:
+    """``floor(k)`` clamped to the steps ``0 .. N - 1``: an index tensor for a tensor, an int for a host number."""
+    if torch.is_tensor(k):
+        return torch.floor(k).long().clamp(0, N - 1)
+    return min(max(math.floor(k), 0), N - 1)
+
+
+def _sigmoid(v: float) -> float:
+    """``1 / (1 + exp(-v))`` of a host number, written so that ``exp`` cannot overflow."""
+    if v >= 0:
+        return 1 / (1 + math.exp(-v))
+    e = math.exp(v)
+    return e / (1 + e)
 
 
 def batch_time(t: Tensor | float, x: Tensor, T: float = 1.0) -> Tensor:
@@ -76,9 +137,15 @@ def check_time_range(t: Tensor, T: float) -> None:
     raise ValueError(f"t must lie in [0, {T}] (continuous time); got values such as {offending}")
 
 
-def _ddpm_step(x: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
+def _per_sample(v: Tensor | float, x: Tensor) -> Tensor:
+    """A coefficient as a tensor of shape ``(batch,)`` (or as it is, if it is one): a host number is filled in."""
+    return v if torch.is_tensor(v) else torch.full((x.shape[0],), v, dtype=x.dtype, device=x.device)
+
+
+def _ddpm_step(x: Tensor, beta: Tensor | float) -> tuple[Tensor, Tensor]:
     """DDPM's forward step as ``(f, G)``: ``x' = sqrt(1 - beta) x + sqrt(beta) z = x + f + G z``."""
-    return bcast(torch.sqrt(1 - beta), x) * x - x, torch.sqrt(beta)
+    xp = lib_for(beta)
+    return bcast(xp.sqrt(1 - beta), x) * x - x, _per_sample(xp.sqrt(beta), x)
 
 
 class SDE(abc.ABC):
@@ -155,10 +222,10 @@ class SDE(abc.ABC):
         return -0.5 * D * math.log(2 * math.pi * s2) - z.reshape(z.shape[0], -1).pow(2).sum(-1) / (2 * s2)
 
     # -- discretization --------------------------------------------------------------------------
-    def _index(self, t: Tensor) -> Tensor:
+    def _index(self, t: Tensor | float) -> Tensor | int:
         # The reference code truncates t * (N - 1) / T to find the discrete step; the small tolerance keeps
         # round-off in t = k / (N - 1) from truncating to step k - 1 (as scorekit.pretrained does).
-        return torch.floor(t * (self.N - 1) / self.T + 1e-3).long().clamp(0, self.N - 1)
+        return _step_index(t * (self.N - 1) / self.T + 1e-3, self.N)
 
     def discretize(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """One step of the forward process, ``x_{i+1} = x_i + f_i(x_i) + G_i z_i``.
@@ -206,7 +273,22 @@ class SDE(abc.ABC):
         return hash((type(self), tuple(sorted(self._params().items()))))
 
 
-class _LinearBeta(SDE):
+class _BetaTable:
+    """:meth:`discrete_beta` of the SDEs with a DDPM table ``discrete_betas()`` (VP, sub-VP, discrete VP)."""
+
+    def discrete_beta(self, t: Tensor | float) -> Tensor | float:
+        """``beta_k`` of the table at the step holding ``t`` (shape of ``t``; a host number for a host ``t``)."""
+        k = self._index(t)
+        if torch.is_tensor(k):
+            return self.discrete_betas(t.device, t.dtype)[k]
+        return self._host_betas[k]
+
+    @functools.cached_property
+    def _host_betas(self) -> list[float]:
+        return self.discrete_betas().tolist()
+
+
+class _LinearBeta(_BetaTable, SDE):
     """Shared parts of VP and sub-VP: ``beta(t) = beta_min + t (beta_max - beta_min)``."""
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000):
@@ -235,10 +317,6 @@ class _LinearBeta(SDE):
         """DDPM's ``beta_i = (beta_min + i/(N-1) (beta_max - beta_min)) / N``, ``i = 0..N-1``."""
         return torch.linspace(self.beta_min / self.N, self.beta_max / self.N, self.N, device=device, dtype=dtype)
 
-    def discrete_beta(self, t: Tensor) -> Tensor:
-        """``beta_i`` of the ``N``-step DDPM schedule at the step holding ``t`` (shape of ``t``)."""
-        return self.discrete_betas(t.device, t.dtype)[self._index(t)]
-
     def _params(self) -> dict:
         return {"beta_min": self.beta_min, "beta_max": self.beta_max, "N": self.N}
 
@@ -253,10 +331,10 @@ class VPSDE(_LinearBeta):
         beta = self.beta(t)
         return -0.5 * bcast(beta, x) * x, torch.sqrt(beta)
 
-    def marginal_coeffs(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        B = self.integrated_beta(t)
+    def marginal_coeffs(self, t: Tensor | float) -> tuple[Tensor, Tensor] | tuple[float, float]:
+        B, xp = self.integrated_beta(t), lib_for(t)
         # -expm1(-B) keeps sigma accurate for small t, where 1 - exp(-B) cancels.
-        return torch.exp(-0.5 * B), torch.sqrt(-torch.expm1(-B))
+        return xp.exp(-0.5 * B), xp.sqrt(-xp.expm1(-B))
 
     def log_snr(self, t: Tensor) -> Tensor:
         B = self.integrated_beta(t)
@@ -277,12 +355,12 @@ class VPSDE(_LinearBeta):
         This is the ``beta`` that makes the step exact for the marginals; for ``t - s = T / N`` it is
         ``beta(t) / N`` to first order, the reference code's ``beta_i``.
         """
-        t, s = batch_time(t, x, self.T), batch_time(s, x, self.T)
+        t, s = as_time(t, x, self.T), as_time(s, x, self.T)
         return _ddpm_step(x, self.step_variance(t, s))
 
-    def step_variance(self, t: Tensor, s: Tensor) -> Tensor:
+    def step_variance(self, t: Tensor | float, s: Tensor | float) -> Tensor | float:
         """``G^2`` of :meth:`discretize_step` from ``s`` to ``t`` (its ``beta``), without touching ``x``."""
-        return -torch.expm1(self.integrated_beta(s) - self.integrated_beta(t))
+        return -lib_for(t, s).expm1(self.integrated_beta(s) - self.integrated_beta(t))
 
 
 class SubVPSDE(_LinearBeta):
@@ -296,9 +374,9 @@ class SubVPSDE(_LinearBeta):
         discount = -torch.expm1(-2 * self.integrated_beta(t))
         return -0.5 * bcast(beta, x) * x, torch.sqrt(beta * discount)
 
-    def marginal_coeffs(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        B = self.integrated_beta(t)
-        return torch.exp(-0.5 * B), -torch.expm1(-B)
+    def marginal_coeffs(self, t: Tensor | float) -> tuple[Tensor, Tensor] | tuple[float, float]:
+        B, xp = self.integrated_beta(t), lib_for(t)
+        return xp.exp(-0.5 * B), -xp.expm1(-B)
 
     def t_from_log_snr(self, lam: Tensor) -> Tensor:
         # a = exp(-B/2) solves k a^2 + a - k = 0 with k = exp(lam / 2); written to avoid cancellation.
@@ -322,7 +400,7 @@ class VESDE(SDE):
             raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
 
-    def sigma(self, t: Tensor) -> Tensor:
+    def sigma(self, t: Tensor | float) -> Tensor | float:
         """``sigma(t) = sigma_min (sigma_max / sigma_min)^t``."""
         return self.sigma_min * (self.sigma_max / self.sigma_min) ** t
 
@@ -331,8 +409,8 @@ class VESDE(SDE):
         g = self.sigma(t) * math.sqrt(2 * (math.log(self.sigma_max) - math.log(self.sigma_min)))
         return torch.zeros_like(x), g
 
-    def marginal_coeffs(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        return torch.ones_like(t), self.sigma(t)
+    def marginal_coeffs(self, t: Tensor | float) -> tuple[Tensor, Tensor] | tuple[float, float]:
+        return torch.ones_like(t) if torch.is_tensor(t) else 1.0, self.sigma(t)
 
     def t_from_log_snr(self, lam: Tensor) -> Tensor:
         return (-0.5 * lam - math.log(self.sigma_min)) / math.log(self.sigma_max / self.sigma_min)
@@ -361,19 +439,23 @@ class VESDE(SDE):
         ``s = 0`` stands for the clean data (``sigma = 0``), as SMLD's ``sigma_{-1} = 0``, so that a
         sampler's last step removes the ``sigma_min`` noise too.
         """
-        t, s = batch_time(t, x, self.T), batch_time(s, x, self.T)
-        return torch.zeros_like(x), torch.sqrt(self.step_variance(t, s))
+        t, s = as_time(t, x, self.T), as_time(s, x, self.T)
+        variance = self.step_variance(t, s)
+        return torch.zeros_like(x), _per_sample(lib_for(variance).sqrt(variance), x)
 
-    def step_variance(self, t: Tensor, s: Tensor) -> Tensor:
+    def step_variance(self, t: Tensor | float, s: Tensor | float) -> Tensor | float:
         """``G^2 = sigma(t)^2 - sigma(s)^2`` of :meth:`discretize_step`, without touching ``x``."""
-        prev = torch.where(s > 0, self.sigma(s), torch.zeros_like(s))
+        if torch.is_tensor(s):
+            prev = torch.where(s > 0, self.sigma(s), torch.zeros_like(s))
+        else:
+            prev = self.sigma(s) if s > 0 else 0.0
         return self.sigma(t) ** 2 - prev**2
 
     def _params(self) -> dict:
         return {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "N": self.N}
 
 
-class DiscreteVPSDE(SDE):
+class DiscreteVPSDE(_BetaTable, SDE):
     """A VP SDE read from a discrete table ``alphas_cumprod`` (a diffusers scheduler's), exact at its steps.
 
     Step ``k = 0..N-1`` of the table sits at ``t_k = (k + 1) / N`` with ``alpha(t_k)^2 = alphas_cumprod[k]``,
@@ -403,6 +485,7 @@ class DiscreteVPSDE(SDE):
         self._alpha = abar.sqrt()
         self._lam = torch.log(abar) - torch.log1p(-abar)  # +inf at j = 0, -inf at zero terminal SNR
         self._tables: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self._host_knots = (self._alpha.tolist(), self._lam.tolist())  # for host times (_interp_host)
         self.sampling_eps = 1.0 / self.N
         #: ``alphas_cumprod[-1] = 0`` (Lin et al. 2024): ``beta(T)`` is infinite and ``x0_hat`` at ``T`` needs the model
         self.zero_terminal_snr = bool(table[-1] == 0)
@@ -412,9 +495,11 @@ class DiscreteVPSDE(SDE):
             self._tables[device] = (self._alpha.to(device), self._lam.to(device))
         return self._tables[device]
 
-    def _interp(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _interp(self, t: Tensor | float) -> tuple[Tensor, Tensor, Tensor] | tuple[float, float, float]:
         """``(alpha, sigma^2, d alpha / dt)`` at ``t`` in float64, from the segment ``[j / N, (j + 1) / N]``
         holding it: log-SNR linear where both ends are finite, else ``alpha`` linear."""
+        if not torch.is_tensor(t):
+            return self._interp_host(float(t))
         alpha_k, lam_k = self._on(t.device)
         pos = t.to(torch.float64) * self.N
         jf = pos.floor().clamp(0, self.N - 1)
@@ -430,13 +515,27 @@ class DiscreteVPSDE(SDE):
         rate = torch.where(smooth, 0.5 * alpha * sigma2 * (hi - lo) * self.N, (alpha_k[j + 1] - alpha_k[j]) * self.N)
         return alpha, sigma2, rate
 
-    def _alpha_sigma2(self, t: Tensor) -> tuple[Tensor, Tensor]:
+    def _interp_host(self, t: float) -> tuple[float, float, float]:
+        """:meth:`_interp` at one host time, in Python floats: the sampler's per-step coefficients, without the
+        two dozen tensor operations (and a table on the device) that the batch form takes."""
+        alpha_k, lam_k = self._host_knots
+        pos = t * self.N
+        j = _step_index(pos, self.N)
+        u, lo, hi = pos - j, lam_k[j], lam_k[j + 1]
+        if math.isfinite(lo) and math.isfinite(hi):
+            lam = lo + u * (hi - lo)
+            alpha, sigma2 = math.sqrt(_sigmoid(lam)), _sigmoid(-lam)
+            return alpha, sigma2, 0.5 * alpha * sigma2 * (hi - lo) * self.N
+        a = alpha_k[j] + u * (alpha_k[j + 1] - alpha_k[j])
+        return a, (1 - a) * (1 + a), (alpha_k[j + 1] - alpha_k[j]) * self.N
+
+    def _alpha_sigma2(self, t: Tensor | float) -> tuple[Tensor, Tensor] | tuple[float, float]:
         alpha, sigma2, _ = self._interp(t)
         return alpha, sigma2
 
-    def marginal_coeffs(self, t: Tensor) -> tuple[Tensor, Tensor]:
+    def marginal_coeffs(self, t: Tensor | float) -> tuple[Tensor, Tensor] | tuple[float, float]:
         alpha, sigma2 = self._alpha_sigma2(t)
-        return alpha.to(t.dtype), sigma2.sqrt().to(t.dtype)
+        return _cast(alpha, t), _cast(lib_for(sigma2).sqrt(sigma2), t)
 
     def log_snr(self, t: Tensor) -> Tensor:
         alpha, sigma2 = self._alpha_sigma2(t)
@@ -483,17 +582,14 @@ class DiscreteVPSDE(SDE):
         abar = self._alpha**2
         return (1 - abar[1:] / abar[:-1]).to(device=device, dtype=dtype)
 
-    def _index(self, t: Tensor) -> Tensor:
+    def _index(self, t: Tensor | float) -> Tensor | int:
         # step k sits at t = (k + 1) / N; the tolerance keeps round-off at the knots on their own step
-        return torch.floor(t * self.N - 1 + 1e-3).long().clamp(0, self.N - 1)
+        return _step_index(t * self.N - 1 + 1e-3, self.N)
 
-    def timestep(self, t: Tensor) -> Tensor:
+    def timestep(self, t: Tensor | float) -> Tensor | float:
         """The scheduler's (fractional) timestep at ``t``, ``k = N t - 1``, held at 0 below the first step."""
-        return (t * self.N - 1).clamp(min=0)
-
-    def discrete_beta(self, t: Tensor) -> Tensor:
-        """``beta_k`` of the table at the step holding ``t`` (shape of ``t``)."""
-        return self.discrete_betas(t.device, t.dtype)[self._index(t)]
+        k = t * self.N - 1
+        return k.clamp(min=0) if torch.is_tensor(k) else max(k, 0.0)
 
     def discretize(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """DDPM's ancestral step on the table: ``f = sqrt(1 - beta_k) x - x``, ``G = sqrt(beta_k)``."""
@@ -503,13 +599,13 @@ class DiscreteVPSDE(SDE):
     def discretize_step(self, x: Tensor, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
         """DDPM step from ``s`` to ``t`` with ``1 - beta = alpha(t)^2 / alpha(s)^2``: exact for the marginals,
         and the table's own ``beta_k`` between neighbouring steps."""
-        t, s = batch_time(t, x, self.T), batch_time(s, x, self.T)
-        return _ddpm_step(x, self.step_variance(t, s).to(x.dtype))
+        t, s = as_time(t, x, self.T), as_time(s, x, self.T)
+        return _ddpm_step(x, _cast(self.step_variance(t, s), x))
 
-    def step_variance(self, t: Tensor, s: Tensor) -> Tensor:
+    def step_variance(self, t: Tensor | float, s: Tensor | float) -> Tensor | float:
         """``G^2`` of :meth:`discretize_step` from ``s`` to ``t`` (its ``beta``), without touching ``x``."""
         ratio = self._alpha_sigma2(t)[0] / self._alpha_sigma2(s)[0]
-        return (1 - ratio**2).to(t.dtype)
+        return _cast(1 - ratio**2, t)
 
     def _params(self) -> dict:
         return {"alphas_cumprod": self.alphas_cumprod.tolist()}

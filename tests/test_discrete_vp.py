@@ -6,7 +6,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from samplers import dpm_solver_2m, likelihood, ode_sample, pc_sample, solver_time_grid
-from scorekit import VPSDE, DiscreteVPSDE, make_sde
+from scorekit import VESDE, VPSDE, DiscreteVPSDE, SubVPSDE, make_sde
 from scorekit.data import imbalanced_mixture
 from scorekit.metrics import sliced_wasserstein
 
@@ -164,3 +164,112 @@ def test_ancestral_pc_from_a_zero_terminal_snr_prior():
     assert sliced_wasserstein(x_pc, MIX.sample(3000, gen(123))) < 0.1
     with pytest.raises(ValueError, match="euler_maruyama cannot step from T on a zero-terminal-SNR"):
         pc_sample(score, sde, (8, 2), predictor="euler_maruyama", steps=10, generator=gen())
+
+
+# the times a sampler passes: both ends, the knots t = j / N and their float round-off, points between knots
+HOST_TIMES = [0.0, 1e-4, 1e-3, 0.0015, 0.3, 0.5 + 1e-13, 0.7, 0.999, 0.9995, 1.0]
+
+
+@pytest.mark.parametrize("sde", [VPSDE(), SubVPSDE(), VESDE(), *(DiscreteVPSDE(table(n)) for n in SCHEDULES)],
+                         ids=["vp", "subvp", "ve", *SCHEDULES])
+def test_host_times_give_the_coefficients_of_tensor_times(sde):
+    """The per-step coefficients at a host time (Python floats, no tensor op) are those of the float64 tensor
+    path, which per-sample times take: DiscreteVPSDE's segment interpolation is written twice."""
+    t = torch.tensor(HOST_TIMES, dtype=torch.float64)
+    s = torch.cat([t.new_zeros(1), t[:-1]])  # each step's target, the data first
+    pairs = [(sde.marginal_coeffs, (t,))]
+    if hasattr(sde, "step_variance"):
+        pairs.append((sde.step_variance, (t, s)))
+    if hasattr(sde, "discrete_beta"):
+        pairs.append((sde.discrete_beta, (t,)))
+    if isinstance(sde, DiscreteVPSDE):
+        pairs += [(sde.timestep, (t,)), (sde._interp, (t,))]
+    for method, args in pairs:
+        ref = method(*args)
+        ref = ref if isinstance(ref, tuple) else (ref,)
+        for i in range(len(t)):
+            host = method(*(float(a[i]) for a in args))
+            host = host if isinstance(host, tuple) else (host,)
+            assert all(isinstance(h, float) for h in host), method.__name__
+            torch.testing.assert_close(torch.tensor(host, dtype=torch.float64), torch.stack(ref)[:, i],
+                                       rtol=1e-12, atol=1e-15, msg=f"{method.__name__} at t = {HOST_TIMES[i]}")
+
+
+class TensorTimes:
+    """A score model behind the protocol's ``(batch,)`` tensor times only (no ``host_time``), as guidance
+    plug-ins wrap it: the samplers then take the tensor path."""
+
+    def __init__(self, model):
+        self.model, self.sde = model, model.sde
+
+    def __call__(self, x, t):
+        assert torch.is_tensor(t) and t.shape == (x.shape[0],)
+        return self.model(x, t)
+
+    def denoise(self, x, t):
+        assert torch.is_tensor(t) and t.shape == (x.shape[0],)
+        return self.model.denoise(x, t)
+
+
+@pytest.mark.parametrize("sde", [DiscreteVPSDE(table("linear")), DiscreteVPSDE(table("zero_snr")), VPSDE(), VESDE()],
+                         ids=["linear", "zero_snr", "vp", "ve"])
+def test_host_times_sample_what_tensor_times_sample(sde):
+    """A model evaluated at the samplers' host times (its coefficients host numbers, computed once per step)
+    draws the samples it draws at per-sample tensor times, for each sampler's update."""
+    from scorekit import ScoreModel
+    from scorekit.nets import MLP
+
+    torch.manual_seed(0)
+    # at a zero-terminal-SNR T only a v (or x0) model says x0_hat
+    zero_snr = getattr(sde, "zero_terminal_snr", False)
+    model = ScoreModel(MLP(2, hidden=32, depth=2), sde, "v" if zero_snr else "eps").double().eval()
+    assert model.host_time and not getattr(TensorTimes(model), "host_time", False)
+    eps = sde.sampling_eps
+    runs = {
+        "ancestral": lambda f: pc_sample(f, sde, (64, 2), predictor="ancestral", corrector=None, steps=20, eps=eps,
+                                         generator=gen(), dtype=torch.float64),
+        "reverse diffusion + langevin": lambda f: pc_sample(f, sde, (64, 2), steps=20, eps=eps, generator=gen(),
+                                                            dtype=torch.float64),
+        "annealed langevin": lambda f: pc_sample(f, sde, (64, 2), predictor=None, corrector="annealed_langevin",
+                                                 steps=20, eps=eps, generator=gen(), dtype=torch.float64),
+        "dpm_solver_2m": lambda f: ode_sample(f, sde, (64, 2), method="dpm_solver_2m", steps=20, eps=eps,
+                                              generator=gen(), dtype=torch.float64),
+    }
+    if zero_snr:  # the ancestral step and DPM-Solver start at T (the others' drift is infinite there)
+        runs = {k: runs[k] for k in ("ancestral", "dpm_solver_2m")}
+    for sampler, run in runs.items():
+        torch.testing.assert_close(run(model), run(TensorTimes(model)), rtol=1e-9, atol=1e-9, msg=sampler)
+
+
+@pytest.mark.parametrize("grid", ["karras", "logsnr"])
+def test_dpm_solver_from_a_zero_terminal_snr_prior(grid):
+    """The log-SNR and Karras grids start at T, where the noise level is infinite: the first step goes to the
+    table's last finite level. Exact mixture denoiser, same prior draw: the samples match those of the same table
+    with diffusers' stand-in for zero (alphas_cumprod[-1] = 2**-24), and the grid keeps its 20 steps."""
+    mix = imbalanced_mixture()
+    abar = table("zero_snr")
+    near = abar.clone()
+    near[-1] = 2.0**-24
+    samples = []
+    for sde in (DiscreteVPSDE(abar), DiscreteVPSDE(near)):
+        def score_fn(x, t, sde=sde):
+            return mix.score(x, t, sde)
+        score_fn.denoise = lambda x, t, sde=sde: mix.posterior_mean(x, t, sde)
+        ts = solver_time_grid(sde, 20, sde.sampling_eps, grid)
+        assert ts.shape == (21,) and ts[0] == 1.0 and torch.isfinite(ts).all()
+        x = sde.prior_sampling((2000, 2), generator=gen(), dtype=torch.float64)
+        samples.append(dpm_solver_2m(score_fn, sde, x, ts))
+    assert torch.isfinite(samples[0]).all()
+    assert (samples[0] - samples[1]).abs().mean() < 1e-2 * samples[1].abs().mean()
+
+
+@pytest.mark.parametrize("t", [1.5, -0.1, float("nan")])
+def test_a_host_time_outside_the_sde_range_is_refused_as_a_tensor_time_is(t):
+    from scorekit import ScoreModel
+    from scorekit.nets import MLP
+
+    model = ScoreModel(MLP(2, hidden=8, depth=1), VPSDE(), "eps")
+    x = torch.zeros(3, 2)
+    for time in (t, torch.full((3,), t)):
+        with pytest.raises(ValueError, match=r"t must lie in \[0, 1.0\]"):
+            model(x, time)

@@ -212,7 +212,10 @@ def test_fd_digits_orders_real_blurred_and_noise(digits):
     )
     assert 10 * fd_test < fd_light < fd_blur < fd_noise
     good, bad = FD.digits_metrics(test, train), FD.digits_metrics(noise, train)
-    assert good["fd_digits"] == pytest.approx(fd_test, rel=1e-6)
+    # the same pair in the same order: FD is symmetric, but its matrix square root only to float round-off
+    # (1e-6 relative here, depending on the BLAS), so the swapped pair is compared loosely
+    assert good["fd_digits"] == pytest.approx(FD.fd_digits(test, train), rel=1e-9)
+    assert good["fd_digits"] == pytest.approx(fd_test, rel=1e-5)
     assert good["precision"] > 0.8 and good["recall"] > 0.8
     assert bad["precision"] < 0.3 and bad["recall"] < 0.3
     assert good["vendi"] > bad["vendi"]
