@@ -22,8 +22,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import itertools
 import json
 import math
+import operator
 import os
 import shutil
 import signal
@@ -129,6 +131,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
 
+_EMAGroup = tuple[list[Tensor], list[Tensor], bool]  # EMA tensors, their sources, whether those need a cast
+
+
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
     """``ema <- decay' ema + (1 - decay') model`` over the state dict, ``decay' = min(decay, (1 + step) / (10 + step))``.
@@ -137,18 +142,85 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float, step: int) -> Non
     dominated by the random initialisation; integer buffers are copied. The floating tensors are updated
     with one ``torch._foreach_lerp_`` per dtype and device.
     """
-    decay = min(decay, (1 + step) / (10 + step))
-    src = model.state_dict()
+    _apply_ema(*_ema_pairs(ema.state_dict(), model.state_dict()), decay, step)
+
+
+def _ema_pairs(ema_state: dict[str, Tensor], source_state: dict[str, Tensor]
+               ) -> tuple[list[_EMAGroup], list[tuple[Tensor, Tensor]]]:
+    """What :func:`update_ema` moves: the floating entries of ``ema_state`` grouped by dtype and device with
+    their sources, and the ``(target, source)`` pairs of the other entries (copied)."""
     groups: dict[tuple[torch.dtype, torch.device], tuple[list[Tensor], list[Tensor]]] = {}
-    for name, value in ema.state_dict().items():
+    copies = []
+    for name, value in ema_state.items():
         if value.is_floating_point():
             targets, sources = groups.setdefault((value.dtype, value.device), ([], []))
             targets.append(value)
-            sources.append(src[name].to(device=value.device, dtype=value.dtype))
+            sources.append(source_state[name])
         else:
-            value.copy_(src[name])
-    for targets, sources in groups.values():
+            copies.append((value, source_state[name]))
+    return [(targets, sources, any(s.dtype != t.dtype or s.device != t.device for t, s in zip(targets, sources)))
+            for targets, sources in groups.values()], copies
+
+
+def _apply_ema(groups: list[_EMAGroup], copies: list[tuple[Tensor, Tensor]], decay: float, step: int) -> None:
+    """One EMA update of what :func:`_ema_pairs` resolved (the caller holds ``no_grad``), warm-up as in :func:`update_ema`."""
+    decay = min(decay, (1 + step) / (10 + step))
+    for target, source in copies:
+        target.copy_(source)
+    for targets, sources, cast in groups:
+        if cast:
+            sources = [s.to(device=t.device, dtype=t.dtype) for t, s in zip(targets, sources)]
         torch._foreach_lerp_(targets, sources, 1 - decay)
+
+
+_DTYPE_DEVICE = operator.attrgetter("dtype", "device")
+
+
+class _EMAUpdate:
+    """:func:`update_ema` of one EMA copy towards its source, with the two state dicts walked once instead of
+    at every step (that walk, with its detached copy of every tensor, cost more than the rest of the
+    Trainer's per-step bookkeeping).
+
+    The tensors come from ``state_dict(keep_vars=True)``: the parameters and buffers themselves, so their
+    in-place updates and ``.data`` replacements are followed. The resolution is redone when it may no
+    longer be what ``state_dict`` gives: when either module gets a parameter, buffer or submodule replaced,
+    added or removed (SaRA's re-selection and its resume replace Parameters and buffers), its non-persistent
+    buffers or state-dict hooks change, or a resolved tensor changes dtype or device. :meth:`current`
+    checks that at every step by iterating those dicts in C, with no Python call per tensor. Where a
+    state dict holds anything but the modules' own parameters and buffers (a custom ``_save_to_state_dict``,
+    extra state, hooks that add entries), every step takes :func:`update_ema`.
+    """
+
+    def __init__(self, ema: nn.Module, source: nn.Module):
+        self.ema, self.source = ema, source
+        modules = [m for root in (ema, source) for m in root.modules()]
+        self._views = [view for m in modules for view in (
+            m._parameters.values(), m._buffers.values(), m._modules.values(), m._non_persistent_buffers_set,
+            m._state_dict_hooks.values(), m._state_dict_pre_hooks.values())]
+        self._layout = tuple(itertools.chain.from_iterable(self._views))
+        self.groups, self.copies = _ema_pairs(ema.state_dict(keep_vars=True), source.state_dict(keep_vars=True))
+        self._tensors = [t for targets, sources, _ in self.groups for t in (*targets, *sources)]
+        self._tensors += [t for pair in self.copies for t in pair]
+        own = {id(t) for m in modules for t in itertools.chain(m._parameters.values(), m._buffers.values())}
+        self.resolved = all(id(t) in own for t in self._tensors)
+        if not self.resolved:  # update_ema at every step: keep no tensors of this state dict alive
+            self.groups, self.copies, self._tensors = [], [], []
+        self._meta = list(map(_DTYPE_DEVICE, self._tensors))
+
+    def current(self, ema: nn.Module, source: nn.Module) -> bool:
+        """Whether this resolution still holds for ``ema`` and ``source``."""
+        if ema is not self.ema or source is not self.source:
+            return False
+        layout = tuple(itertools.chain.from_iterable(self._views))
+        return (len(layout) == len(self._layout) and all(map(operator.is_, layout, self._layout))
+                and list(map(_DTYPE_DEVICE, self._tensors)) == self._meta)
+
+    @torch.no_grad()
+    def __call__(self, decay: float, step: int) -> None:
+        if self.resolved:
+            _apply_ema(self.groups, self.copies, decay, step)
+        else:
+            update_ema(self.ema, self.source, decay, step)
 
 
 def adamw_options(params: Iterable[nn.Parameter | dict]) -> dict[str, bool]:
@@ -452,7 +524,14 @@ class TrainingLoop:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.callbacks, self.meta = list(callbacks), meta or {}
         self.tracked: dict[str, Tracked] = {}
+        self._unwrapped: dict[str, tuple[nn.Module, nn.Module]] = {}  # name: (tracked object, it unwrapped)
         self._ema_of: dict[str, str] = {}
+        self._ema_updates: dict[str, _EMAUpdate] = {}
+        # Without loss scaling, gradient accumulation, DeepSpeed, Megatron or XLA, accelerate's backward,
+        # optimizer step and zero_grad are torch's own plus a package look-up or a signature inspection per
+        # call: then optimize() calls torch's.
+        self._direct = (accelerator.scaler is None and accelerator.gradient_accumulation_steps == 1
+                        and accelerator.distributed_type not in ("DEEPSPEED", "MEGATRON_LM", "XLA"))
         self._base_lr: dict[int, float | None] = {}
         self.step = 0
         self.history: list = []
@@ -507,8 +586,15 @@ class TrainingLoop:
 
     def tracked_modules(self) -> dict[str, nn.Module]:
         """The tracked modules by name, without accelerate/DDP wrappers."""
-        unwrap = self.accelerator.unwrap_model
-        return {k: unwrap(v) for k, v in self.tracked.items() if isinstance(v, nn.Module)}
+        return {k: self._unwrap(k, v) for k, v in self.tracked.items() if isinstance(v, nn.Module)}
+
+    def _unwrap(self, name: str, module: nn.Module) -> nn.Module:
+        """``accelerator.unwrap_model(module)``, kept while ``module`` is what ``name`` tracks: unwrapping looks
+        packages up on every call, and update_emas needs it at every step."""
+        cached = self._unwrapped.get(name)
+        if cached is None or cached[0] is not module:
+            cached = self._unwrapped[name] = (module, self.accelerator.unwrap_model(module))
+        return cached[1]
 
     def tracked_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {k: v for k, v in self.tracked.items() if isinstance(v, torch.optim.Optimizer)}
@@ -521,6 +607,11 @@ class TrainingLoop:
     def train_step(self) -> Any:
         """One update (``self.step`` is the number done before it); returns the history entry."""
         raise NotImplementedError
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The forward's context: accelerate's autocast under mixed precision; without it, none (accelerate's
+        would be a no-op context built at every step)."""
+        return self.accelerator.autocast() if self.accelerator.native_amp else contextlib.nullcontext()
 
     def lr(self, base: float | None = None) -> float:
         """The learning rate of this step: ``base`` (default ``config.lr``) times the linear warm-up."""
@@ -543,7 +634,10 @@ class TrainingLoop:
         value = loss.detach().float()
         if acc.num_processes > 1:
             value = acc.reduce(value, reduction="mean")
-        acc.backward(loss)
+        if self._direct:
+            loss.backward()
+        else:
+            acc.backward(loss)
         scaled = acc.scaler is not None
         names = {id(o): k for k, o in self.tracked.items()}
         norms, normed = [], []
@@ -576,20 +670,21 @@ class TrainingLoop:
                 lr = self.lr(self._base_lr[id(opt)])
                 for group in opt.param_groups:
                     group["lr"] = lr
+            stepper = raw if self._direct else opt
             if found is None:
-                opt.step()
+                stepper.step()
             else:
                 raw.found_inf, raw.grad_scale = found.to(_param_device(raw, found.device)), None
                 try:
-                    opt.step()
+                    stepper.step()
                 finally:
                     del raw.found_inf, raw.grad_scale
             if raw.defaults.get("fused"):
                 # the fused kernel updates the parameters in place without bumping their version counters, which
-                # code that caches on them relies on (SaRA's dense weight, autograd's saved-tensor checks)
+                # autograd's saved-tensor checks (and any cache keyed on them) rely on
                 _bump_versions([p for g in raw.param_groups for p in g["params"] if p.grad is not None])
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
+        for opt, raw in zip(optimizers, inner):
+            (raw if self._direct else opt).zero_grad(set_to_none=True)
         self._pending.append(entry)
         return value
 
@@ -603,7 +698,11 @@ class TrainingLoop:
         if not leaves:
             return
         device = leaves[0].device
-        flat = torch.cat([t.detach().reshape(-1).to(device=device, dtype=torch.float64) for t in leaves])
+        # one cast for all leaves: cat into float64 holds every float and integer dtype's values exactly, as a
+        # per-leaf .to(float64) would, and no_grad lets out= take leaves that require grad without detaching each
+        with torch.no_grad():
+            flat = torch.cat([t.reshape(-1).to(device) for t in leaves],
+                             out=torch.empty(sum(t.numel() for t in leaves), dtype=torch.float64, device=device))
         values = iter(flat.tolist())
         self.history[start:] = [_as_numbers(e, values) for e in entries]
         self._raise_if_nonfinite([(step, names, [next(values) for _ in range(check.numel())])
@@ -628,9 +727,12 @@ class TrainingLoop:
 
     def update_emas(self) -> None:
         """``update_ema`` of every tracked EMA copy towards its source, at the current step."""
-        modules = self.tracked_modules()
         for name, source in self._ema_of.items():
-            update_ema(modules[name], modules[source], self.train_config.ema_decay, self.step)
+            ema, src = self._unwrap(name, self.tracked[name]), self._unwrap(source, self.tracked[source])
+            update = self._ema_updates.get(name)
+            if update is None or not update.current(ema, src):
+                update = self._ema_updates[name] = _EMAUpdate(ema, src)
+            update(self.train_config.ema_decay, self.step)
 
     def progress(self) -> dict[str, str]:
         """What the progress bar shows every ``config.log_every`` steps."""
@@ -1041,7 +1143,7 @@ class Trainer(TrainingLoop):
     @property
     def unwrapped(self) -> nn.Module:
         """The model without accelerate/DDP wrappers."""
-        return self.accelerator.unwrap_model(self.model)
+        return self._unwrap("model", self.model)
 
     # -- one step ------------------------------------------------------------------------------
     def _next_batch(self):
@@ -1064,7 +1166,7 @@ class Trainer(TrainingLoop):
 
     def train_step(self) -> Tensor:
         batch = self._next_batch()
-        with self.accelerator.autocast():
+        with self.autocast():
             loss = self.loss_fn(self.model, batch, self.generator)
         return self.optimize(loss, [self.optimizer])
 

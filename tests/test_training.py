@@ -1,6 +1,7 @@
 """Denoising score matching against its closed form, the training core (named state in one checkpoint) and
 the Trainer: resume, EMA, NaN guard, 2 processes."""
 
+import copy
 import json
 import os
 import pickle
@@ -28,6 +29,7 @@ from scorekit.training import (
     load_weights,
     prune_checkpoints,
     read_checkpoint,
+    update_ema,
 )
 
 
@@ -184,6 +186,41 @@ def test_ema_follows_its_recursion(tmp_path):
         decay = min(0.9, (1 + step + 1) / (10 + step + 1))
         ema = decay * ema + (1 - decay) * w
     torch.testing.assert_close(trainer.ema.w, ema)
+
+
+def test_the_ema_follows_parameters_and_buffers_replaced_during_training():
+    """The Trainer resolves the EMA's tensors once instead of walking both state dicts at every step; a
+    callback that replaces the model's buffers or a Parameter (as SaRA's re-selection does) still moves the
+    EMA bit for bit as ``update_ema`` on the state dicts does."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(3))
+            self.register_buffer("scale", torch.ones(3))
+            self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+        def forward(self, x):
+            self.calls += 1
+            return ((x * self.scale - self.w) ** 2).mean()
+
+    def replace(tr):
+        net = tr.unwrapped
+        if tr.step == 4:
+            net.scale = torch.full((3,), 2.0)
+        if tr.step == 8:
+            net.calls = torch.tensor(100)
+        if tr.step == 12:
+            net.w = nn.Parameter(torch.full((3,), -1.0))
+
+    cfg = TrainConfig(steps=16, batch_size=4, lr=0.1, ema_decay=0.9, progress=False, mixed_precision="no")
+    trainer = Trainer(Net(), lambda m, b, g: m(b), torch.randn(16, 3, generator=torch.Generator().manual_seed(0)), cfg)
+    reference = copy.deepcopy(trainer.ema)
+    # callbacks run after the step's EMA update: the reference gets the same update, then the model changes
+    trainer.callbacks += [lambda tr: update_ema(reference, tr.unwrapped, 0.9, tr.step), replace]
+    trainer.train()
+    assert trainer.ema.calls == 100 + 8 and 1 < trainer.ema.scale.min() < 2 and trainer.ema.w.max() < 0  # all followed
+    for name, value in reference.state_dict().items():
+        assert torch.equal(trainer.ema.state_dict()[name], value), name
 
 
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
