@@ -646,13 +646,13 @@ class FDistill(TrainingLoop):
         optimizers = [opt for opt in (self.opt_fake, self.opt_disc) if opt is not None]
         if not optimizers:
             return 0.0
-        with self.accelerator.autocast():
+        with self.autocast():
             loss = self.critic_loss(rng)
         return self.optimize(loss, optimizers)
 
     def generator_step(self, rng: torch.Generator) -> dict[str, float]:
         """One generator update; returns its loss and the weight statistics."""
-        with self.accelerator.autocast():
+        with self.autocast():
             loss, stats = self.generator_loss(*self.draw(rng))
         stats["generator"] = self.optimize(loss, [self.opt_generator])
         return stats
