@@ -237,7 +237,9 @@ class SaRALayer(nn.Module):
         config: SaRAConfig,
         fixed_indices: Tensor | None = None,
         fixed_values: Tensor | None = None,
+        values: Tensor | None = None,
     ):
+        """``values`` (at ``indices``, in their order) and ``fixed_values`` default to the pre-trained entries."""
         super().__init__()
         if not isinstance(base_layer, SUPPORTED):
             raise TypeError(f"SaRA adapts {[c.__name__ for c in SUPPORTED]}, got {type(base_layer).__name__}")
@@ -263,7 +265,7 @@ class SaRALayer(nn.Module):
             self._padding, self._pre_pad = [0] * (w.ndim - 2), (base_layer._reversed_padding_repeated_twice, mode)
         indices = indices.to(w.device, torch.long)
         fixed_indices = indices[:0] if fixed_indices is None else fixed_indices.to(w.device, torch.long)
-        self.set_selection(indices, w.reshape(-1)[indices],
+        self.set_selection(indices, w.reshape(-1)[indices] if values is None else values,
                            fixed_indices, w.reshape(-1)[fixed_indices] if fixed_values is None else fixed_values)
 
     def __getattr__(self, name: str):
@@ -390,9 +392,7 @@ class SaRALayer(nn.Module):
         base, w = self.base_layer, w.to(grad_y.dtype)
         if isinstance(base, nn.Linear):
             return grad_y @ w
-        return torch.ops.aten.convolution_backward(
-            grad_y, grad_y.new_empty(1).expand(x.shape), w, None, base.stride, self._padding, base.dilation, False,
-            [0] * (w.ndim - 2), base.groups, [True, False, False])[0]
+        return self._conv_backward(grad_y, grad_y.new_empty(1).expand(x.shape), w, [True, False, False])[0]
 
     def _weight_grad(self, grad_y: Tensor, x: Tensor, block: _Block) -> Tensor:
         """``dL/dw`` (dense, the block's rows) of :meth:`_block_op` for the block's output gradient ``grad_y``."""
@@ -400,9 +400,13 @@ class SaRALayer(nn.Module):
         shape = (block.r1 - block.r0, *self.base_layer.weight.shape[1:])
         if isinstance(base, nn.Linear):
             return grad_y.reshape(-1, shape[0]).T @ x.reshape(-1, shape[1])
-        return torch.ops.aten.convolution_backward(
-            grad_y, x, grad_y.new_empty(1).expand(shape), None, base.stride, self._padding, base.dilation, False,
-            [0] * (len(shape) - 2), base.groups, [False, True, False])[1]
+        return self._conv_backward(grad_y, x, grad_y.new_empty(1).expand(shape), [False, True, False])[1]
+
+    def _conv_backward(self, grad_y: Tensor, x: Tensor, w: Tensor, mask: list[bool]) -> tuple[Tensor, ...]:
+        """aten's convolution backward of :meth:`_block_op` (``mask``: which of input / weight / bias gradients)."""
+        base = self.base_layer
+        return torch.ops.aten.convolution_backward(grad_y, x, w, None, base.stride, self._padding, base.dilation,
+                                                   False, [0] * (w.ndim - 2), base.groups, mask)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
@@ -771,17 +775,13 @@ def load_sara(model: nn.Module, state_or_path: dict[str, Any] | str | os.PathLik
     for name, (module, parts) in plan.items():
         idx, fixed = parts["sara_indices"], parts["sara_fixed_indices"]
         if isinstance(module, SaRALayer):
-            layer = module
-            layer.config = config
-            device = layer.sara_values.device
-            layer.set_selection(idx.to(device, torch.long), parts["sara_values"], fixed.to(device, torch.long),
-                                parts["sara_fixed_values"])
+            module.config = config
+            device = module.sara_values.device
+            module.set_selection(idx.to(device, torch.long), parts["sara_values"], fixed.to(device, torch.long),
+                                 parts["sara_fixed_values"])
         else:
-            layer = SaRALayer(module, idx, config, fixed, parts["sara_fixed_values"])
-            device = layer.sara_values.device
-            layer.set_selection(idx.to(device, torch.long), parts["sara_values"], fixed.to(device, torch.long),
-                                parts["sara_fixed_values"])
-            model = _replace(model, name, layer)
+            model = _replace(model, name, SaRALayer(module, idx, config, fixed, parts["sara_fixed_values"],
+                                                    parts["sara_values"]))
     _patch_save_pretrained(model)
     return model
 

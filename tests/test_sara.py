@@ -738,10 +738,11 @@ def test_finetune_under_torchrun_two_processes_keeps_the_ranks_identical(base_ru
 
 
 def selection(state, prefix):
-    """The trainable indices a SaRALayer's state dict describes: its threshold on the pre-trained weight, or its list."""
+    """The trainable indices a SaRALayer's state dict describes: below its threshold on the pre-trained weight, plus its list."""
     if state[prefix + "sara_threshold"] > 0:
-        w = state[prefix + "base_layer.weight"].reshape(-1)
-        return torch.nonzero(w.abs() < state[prefix + "sara_threshold"]).reshape(-1).to(torch.int32)
+        below = state[prefix + "base_layer.weight"].reshape(-1).abs() < state[prefix + "sara_threshold"]
+        below[state[prefix + "sara_listed"].long()] = True
+        return torch.nonzero(below).reshape(-1).to(torch.int32)
     return state[prefix + "sara_listed"]
 
 
