@@ -4,13 +4,15 @@
    Langevin, one corrector step) against score_sde's ``pc_sampler`` loop (``ReverseDiffusionPredictor`` +
    ``LangevinCorrector``, written out below as ``sampling.py`` does it), and ``ode_sample`` (dopri5) against
    score_sde's ``ode_sampler`` (``scipy.integrate.solve_ivp`` RK45 on flattened numpy arrays). The ODE
-   solvers pick their own steps, so the ratio is of seconds per score evaluation.
+   solvers pick their own steps, so the ratio is of seconds per score evaluation. Each contender runs in fresh
+   processes (``--rounds``, interleaved), since in a shared process the C heap's state decides the ratio
+   (``in_processes``).
 2. **diffusers' scheduler loop** on the same ``UNet2DModel`` (64 x 3 x 32 x 32): ``pc_sample`` with the
    ancestral predictor against ``DDPMScheduler``, ``dpm_solver_2m`` against ``DPMSolverMultistepScheduler``;
    overhead = loop time minus the time of the same network calls alone, per step; and the same loops on a stub
    network (a fixed noise estimate of the UNet's output shape), where the loop's own work is all there is.
 3. **Trainer vs bare loop**: ``benchmarks.training.run_variant`` (steps/s), against the bare loop with the same
-   AdamW, gradient clipping and EMA (``bare+clip+ema``); ``bare`` (AdamW alone) for scale.
+   AdamW, gradient clipping and EMA (``bare+clip+ema``); ``bare`` (AdamW alone) for scale; fresh processes as 1.
 4. **Host reads per step**: ``Tensor.item`` / ``tolist`` / ``__bool__`` calls from ``samplers/`` per sampler step
    (the every-k NaN check is the only one left).
 
@@ -25,7 +27,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
+import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -124,27 +129,68 @@ def digits_score(device: str, hidden: int):
     return ScoreModel(MLP((1, 8, 8), hidden=hidden, depth=3), sde).to(device).eval().requires_grad_(False), sde
 
 
-def reference_rows(device: str, batch: int, steps: int, repeats: int, hidden: int) -> list[list[str]]:
+def reference_case(case: str, device: str, batch: int, steps: int, repeats: int, hidden: int) -> dict:
+    """One contender of section 1 in this process: ``{"seconds": fastest run, "nfe": per run, "faults": minor
+    page faults per run}`` after a warm-up run."""
     from samplers import count_nfe, ode_sample, pc_sample
     from scorekit import VPSDE
 
     model, _ = digits_score(device, hidden)
     sde = VPSDE(N=steps)
     shape = (batch, 1, 8, 8)
-    ours = count_nfe(model)
-    (_, t_ours), (_, t_ref) = timed_together(
-        [lambda: pc_sample(ours, sde, shape, steps=steps, generator=gen(0, device), device=device),
-         lambda: reference_pc(model, sde, shape, 0.16, 1e-3, device)], device, repeats)
-    rows = [["PC (reverse diffusion + Langevin)", str(2 * steps), str(2 * steps), fmt(t_ours / (2 * steps) * 1e3),
-             fmt(t_ref / (2 * steps) * 1e3), fmt(t_ours / t_ref, 3)]]
-    ours.reset()
-    (_, t_ode), ((_, nfe_ref), t_ref_ode) = timed_together(
-        [lambda: ode_sample(ours, sde, shape, rtol=1e-3, atol=1e-3, generator=gen(0, device), device=device),
-         lambda: reference_ode(model, sde, shape, 1e-3, 1e-3, 1e-3, device)], device, repeats)
-    nfe_ours = ours.nfe // (repeats + 1)
-    per_ours, per_ref = t_ode / nfe_ours, t_ref_ode / nfe_ref
-    rows.append(["probability-flow ODE (dopri5 vs RK45, rtol 1e-3)", str(nfe_ours), str(nfe_ref),
-                 fmt(per_ours * 1e3), fmt(per_ref * 1e3), fmt(per_ours / per_ref, 3)])
+    counted = count_nfe(model)
+    run = {"pc": lambda: (pc_sample(model, sde, shape, steps=steps, generator=gen(0, device), device=device),
+                          2 * steps),
+           "pc_ref": lambda: (reference_pc(model, sde, shape, 0.16, 1e-3, device), 2 * steps),
+           "ode": lambda: (ode_sample(counted, sde, shape, rtol=1e-3, atol=1e-3, generator=gen(0, device),
+                                      device=device), None),
+           "ode_ref": lambda: reference_ode(model, sde, shape, 1e-3, 1e-3, 1e-3, device)}[case]
+    best, faults, nfe = math.inf, [], 0
+    for r in range(repeats + 1):  # run 0 is the warm-up
+        counted.reset()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        start = time.perf_counter()
+        _, nfe = run()
+        _sync(device)
+        if r:
+            best = min(best, time.perf_counter() - start)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return {"seconds": best, "nfe": counted.nfe if nfe is None else nfe, "faults": sorted(faults)[len(faults) // 2]}
+
+
+def in_processes(cases: list[str], args: list[str], rounds: int) -> dict[str, list[dict]]:
+    """Each case's child results over ``rounds`` fresh processes (``python -m benchmarks.overhead --child CASE``),
+    the rounds interleaved with the order rotating.
+
+    A fresh process per run because the timing of these loops depends on the state of the C heap: in one
+    process the allocator's heuristics settle (or do not) into trimming and re-faulting the network's
+    activations, so two loops doing the same tensor work differ by tens of thousands of minor page faults
+    per run depending on what ran before them. Each contender gets its own fresh heaps, the fastest counts.
+    """
+    runs: dict[str, list[dict]] = {case: [] for case in cases}
+    for r in range(rounds):
+        for case in cases[r % len(cases):] + cases[: r % len(cases)]:
+            out = subprocess.run([sys.executable, "-m", "benchmarks.overhead", "--child", case, *args],
+                                 capture_output=True, text=True, check=True, cwd=ROOT)
+            runs[case].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return runs
+
+
+def _fastest(runs: list[dict]) -> dict:
+    return min(runs, key=lambda r: r["seconds"])
+
+
+def reference_rows(args: list[str], rounds: int) -> list[list[str]]:
+    runs = in_processes(["pc", "pc_ref", "ode", "ode_ref"], args, rounds)
+    rows = []
+    for name, ours, ref in (("PC (reverse diffusion + Langevin)", "pc", "pc_ref"),
+                            ("probability-flow ODE (dopri5 vs RK45, rtol 1e-3)", "ode", "ode_ref")):
+        a, b = _fastest(runs[ours]), _fastest(runs[ref])
+        per_a, per_b = a["seconds"] / a["nfe"], b["seconds"] / b["nfe"]
+        spread = ", ".join(fmt((x["seconds"] / x["nfe"]) / (y["seconds"] / y["nfe"]), 3)
+                           for x, y in zip(runs[ours], runs[ref]))
+        rows.append([name, str(a["nfe"]), str(b["nfe"]), fmt(per_a * 1e3), fmt(per_b * 1e3), fmt(per_a / per_b, 3),
+                     spread, f"{a['faults']} / {b['faults']}"])
     return rows
 
 
@@ -227,20 +273,22 @@ def diffusers_rows(device: str, batch: int, size: int, steps: int, repeats: int,
 
 
 # -- 3. Trainer vs bare loop -----------------------------------------------------------------------
-def trainer_rows(device: str, steps: int) -> list[list[str]]:
+def trainer_rows(args: list[str], rounds: int) -> list[list[str]]:
+    # the target compares with the loop doing the Trainer's math (AdamW, clipping, EMA); "bare" (AdamW only) shows
+    # what clipping and EMA cost in themselves; each variant in its own fresh processes, as the samplers
+    variants = ["bare", "bare+clip+ema", "Trainer"]
+    runs = in_processes(variants, args, rounds)
+    best = {v: _fastest(runs[v])["seconds"] for v in variants}
+    return [[v, fmt(1 / best[v], 1), fmt(best[v] / best["bare+clip+ema"], 3),
+             ", ".join(fmt(x["seconds"] / y["seconds"], 3) for x, y in zip(runs[v], runs["bare+clip+ema"]))]
+            for v in variants]
+
+
+def trainer_case(variant: str, device: str, steps: int) -> dict:
+    """One Trainer variant in this process: seconds per optimiser step (``benchmarks.training.run_variant``)."""
     from .training import run_variant
 
-    # the target compares with the loop doing the Trainer's math (AdamW, clipping, EMA); "bare" (AdamW only) shows
-    # what clipping and EMA cost in themselves
-    # the variants in turn, three rounds, the best of each: as the samplers' ratios, robust to a slow spell
-    runs: dict[str, dict] = {}
-    for _ in range(3):
-        for v in ("bare", "bare+clip+ema", "Trainer"):
-            r = run_variant(v, "mlp", steps, 10, 128, device)
-            if v not in runs or r["steps_per_s"] > runs[v]["steps_per_s"]:
-                runs[v] = r
-    base = runs["bare+clip+ema"]["steps_per_s"]
-    return [[v, fmt(r["steps_per_s"], 1), fmt(base / r["steps_per_s"], 3)] for v, r in runs.items()]
+    return {"seconds": 1 / run_variant(variant, "mlp", steps, 10, 128, device)["steps_per_s"]}
 
 
 # -- 4. host reads per step ------------------------------------------------------------------------
@@ -291,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per loop; the fastest counts")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="fresh processes per contender of the sampler-vs-reference and Trainer ratios")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run, not a measurement")
     p.add_argument("--unet", action=argparse.BooleanOptionalAction, default=None,
                    help="also time the loops around the real UNet (default: on CUDA only; on a CPU its seconds per "
@@ -301,22 +352,33 @@ def main(argv: list[str] | None = None) -> int:
     unet_batch, size, unet_steps = (2, 16, 3) if quick else (64, 32, 20)
     channels = (32, 32) if quick else (64, 128, 256)
     train_steps = 5 if quick else 200
+    if args.child:
+        result = (trainer_case(args.child, dev, train_steps) if args.child in ("bare", "bare+clip+ema", "Trainer")
+                  else reference_case(args.child, dev, ref_batch, ref_steps, rep, hidden))
+        print(json.dumps(result))
+        return 0
+    child_args = ["--device", dev, "--repeats", str(rep), *(["--quick"] if quick else [])]
+    rounds = 1 if quick else args.rounds
 
     print("1/4 reference samplers", flush=True)
-    ref = reference_rows(dev, ref_batch, ref_steps, rep, hidden)
+    ref = reference_rows(child_args, rounds)
     print("2/4 diffusers loops", flush=True)
     real_unet = args.unet if args.unet is not None else dev.startswith("cuda")
     diff = diffusers_rows(dev, unet_batch, size, unet_steps, rep, channels, real_unet)
     print("3/4 Trainer vs bare loop", flush=True)
-    train = trainer_rows(dev, train_steps)
+    train = trainer_rows(child_args, rounds)
     print("4/4 host reads per step", flush=True)
     reads = read_rows(10 if quick else 200)
 
     text = (f"# Loop overhead (device {dev}, torch {torch.__version__}, {torch.get_num_threads()} threads"
             f"{', QUICK smoke run: numbers not meaningful' if quick else ''})\n\n"
             f"## Samplers vs score_sde's reference code (MLP {hidden}x3 on 1x8x8, batch {ref_batch})\n\n"
+            f"Each contender runs in {rounds} fresh processes (interleaved), {rep} timed runs each after a warm-up; the\n"
+            "fastest run counts. The per-round ratios show the spread; the page faults (minor, per run, of the\n"
+            "fastest process) show the C heap's part in it (see `in_processes`).\n\n"
             + markdown_table(["sampler", "NFE scorekit", "NFE reference", "ms/NFE scorekit", "ms/NFE reference",
-                              "ratio (<= 1: no slower)"], ref)
+                              "ratio (<= 1: no slower)", "ratio per round", "page faults scorekit / reference"],
+                             ref)
             + f"\n## Sampler overhead vs diffusers' scheduler loop (UNet2DModel {list(channels)} on "
               f"{unet_batch}x3x{size}x{size})\n\n"
             + "Overhead = loop time minus the same network calls alone, per step. With the stub network (the UNet's\n"
@@ -324,8 +386,10 @@ def main(argv: list[str] | None = None) -> int:
               "the overhead is measured directly; with the real UNet it is a small difference of two large times.\n\n"
             + markdown_table(["loop", "network", "steps", "network ms/step", "scorekit overhead ms/step",
                               "diffusers overhead ms/step", "ratio (<= 1: no more overhead)"], diff)
-            + f"\n## Trainer vs bare loop (benchmarks.training.run_variant, MLP on digits, {train_steps} steps)\n\n"
-            + markdown_table(["variant", "steps/s", "time per step vs bare+clip+ema (target <= 1.05)"], train)
+            + f"\n## Trainer vs bare loop (benchmarks.training.run_variant, MLP on digits, {train_steps} steps, "
+              f"{rounds} fresh processes each, the fastest counts)\n\n"
+            + markdown_table(["variant", "steps/s", "time per step vs bare+clip+ema (target <= 1.05)",
+                              "ratio per round"], train)
             + "\n## Host reads (item / tolist / bool) from samplers/ per run, exact 2-D mixture score: none per "
               "step beyond the every-k NaN check (and a few tolist calls on the host grid at set-up)\n\n"
             + markdown_table(["sampler", "steps", "reads (grid set-up + NaN checks)", "NaN checks (every k + end)"],

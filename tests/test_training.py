@@ -166,6 +166,32 @@ def test_core_checkpoints_named_modules_optimizers_and_ema_in_one_step_dir(tmp_p
     assert names == ["step-00000003", "step-00000006"]
 
 
+
+def test_loss_entries_kept_by_a_callback_stay_the_step_losses():
+    """The pending losses are views of one device buffer until they are read back: entries a callback keeps
+    past the read-back and past the buffer's refill (250 steps, read every 100) still hold their own step's
+    loss, the number the history got at the read-back."""
+    kept = []
+    data = torch.linspace(-1, 1, 64).reshape(64, 1)
+
+    class Scalar(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(1))
+
+    def loss_fn(m, batch, g):
+        return ((batch - m.w) ** 2).mean()
+
+    def keep(tr):
+        kept.append(tr.history[-1])
+
+    cfg = TrainConfig(steps=250, batch_size=8, lr=0.05, grad_clip=None, progress=False)
+    trainer = Trainer(Scalar(), loss_fn, data, cfg, callbacks=[keep])
+    history = trainer.train()
+    assert all(torch.is_tensor(e) and e.ndim == 0 for e in kept)
+    assert [float(e) for e in kept] == history
+    assert len(set(history)) > 200  # the losses differ from step to step, so a reused slot would show
+
 def test_ema_follows_its_recursion(tmp_path):
     seen = []
 
