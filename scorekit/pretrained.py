@@ -49,6 +49,9 @@ SUPPORTED = (
     "pipelines with a 'unet' or 'transformer' denoiser and a scheduler that carries betas (DDPM, DDIM, PNDM, "
     f"Euler, Heun, LMS, DEIS, DPM-Solver, UniPC, ...), or a {VE_SCHEDULER}"
 )
+#: the keywords StableDiffusionXLPipeline takes beside prompt= and negative_prompt=, with the same meaning here
+SDXL_KEYWORDS = ("prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size",
+                 "negative_original_size", "negative_crops_coords_top_left", "negative_target_size")
 PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 # what diffusers' schedulers do that scorekit's samplers do not, and what scorekit does instead
 SAMPLING_FLAGS = {
@@ -107,7 +110,7 @@ class PretrainedScoreModel(ScoreModel):
         # SDXL-family pipelines (their UNets take the "text_time" added embedding) (de)normalise latents with the
         # VAE's per-channel latents_mean / latents_std when it sets both, and run a VAE with force_upcast in
         # float32, since SDXL's VAE overflows in float16; the Stable Diffusion and DiT pipelines do neither
-        sdxl = _get(config, "addition_embed_type") == "text_time"
+        sdxl = self.sdxl = _get(config, "addition_embed_type") == "text_time"
         mean, std = _get(ae_config, "latents_mean"), _get(ae_config, "latents_std")
         stats = sdxl and mean is not None and std is not None
         self.latents_mean, self.latents_std = (tuple(mean), tuple(std)) if stats else (None, None)
@@ -133,20 +136,44 @@ class PretrainedScoreModel(ScoreModel):
                      encoder_hidden_states: Tensor | None = None,
                      negative_encoder_hidden_states: Tensor | None = None,
                      added_cond_kwargs: dict | None = None,
-                     negative_added_cond_kwargs: dict | None = None) -> Conditioning:
+                     negative_added_cond_kwargs: dict | None = None,
+                     **sdxl: Any) -> Conditioning:
         """Network keywords for a prompt (encoded exactly as the pipeline encodes it: its own
         ``encode_prompt``, so a missing negative prompt is what the pipeline makes of none: the empty
         string's embedding for Stable Diffusion, zeros for SDXL's ``force_zeros_for_empty_prompt``),
         precomputed ``encoder_hidden_states`` (SDXL also ``added_cond_kwargs``, and for guidance
         ``negative_added_cond_kwargs``), or ``class_labels`` (DiT's null class ``1000`` as in ``DiTPipeline``
-        for the unconditional branch)."""
+        for the unconditional branch).
+
+        Stable Diffusion XL pipelines also take ``StableDiffusionXLPipeline``'s keywords of the same names
+        (:data:`SDXL_KEYWORDS`; Podell et al. 2023, https://arxiv.org/abs/2307.01952, Sec. 2.2):
+
+        - ``prompt_2`` / ``negative_prompt_2`` (``str | list[str]``, default: ``prompt`` / ``negative_prompt``):
+          the prompts of the second text encoder;
+        - ``original_size``, ``target_size`` (``(height, width)`` in pixels, default: the model's image size)
+          and ``crops_coords_top_left`` (``(top, left)``, default ``(0, 0)``): the size and crop
+          micro-conditioning of the time ids;
+        - ``negative_original_size``, ``negative_target_size`` (both or neither) and
+          ``negative_crops_coords_top_left`` (default ``(0, 0)``): the unconditional branch's own time ids;
+          without them it takes the conditional branch's, as in the pipeline.
+        """
+        unknown = sorted(set(sdxl) - set(SDXL_KEYWORDS))
+        if unknown:
+            raise TypeError(f"condition() got unexpected keyword(s) {unknown}")
+        sdxl = {k: v for k, v in sdxl.items() if v is not None}
+        if sdxl and not self.sdxl:
+            raise ValueError(f"{sorted(sdxl)} are Stable Diffusion XL keywords (two text encoders, size and crop "
+                             f"time ids); this {self.kind} pipeline takes {self.condition_help}")
+        if sdxl and prompt is None:
+            raise ValueError(f"{sorted(sdxl)} go with prompt=: the pipeline builds them into the prompt's "
+                             "conditioning (with precomputed embeddings, pass the time ids in added_cond_kwargs)")
         if prompt is not None or negative_prompt is not None:
             if prompt is None:
                 raise ValueError("negative_prompt= needs prompt= as well")
             if not self.text:
                 raise ValueError(f"this {self.kind} pipeline has no tokenizer and text encoder, so it takes no prompt; "
                                  f"condition it with {self.condition_help}")
-            return self._encode_prompt(prompt, negative_prompt, guided)
+            return self._encode_prompt(prompt, negative_prompt, guided, **sdxl)
         if class_labels is not None:
             return self._class_conditioning(class_labels, guided)
         return super().conditioning(guided=guided, encoder_hidden_states=encoder_hidden_states,
@@ -154,34 +181,58 @@ class PretrainedScoreModel(ScoreModel):
                                     added_cond_kwargs=added_cond_kwargs,
                                     negative_added_cond_kwargs=negative_added_cond_kwargs)
 
-    def _encode_prompt(self, prompt, negative_prompt, guided: bool) -> Conditioning:
+    def _encode_prompt(self, prompt, negative_prompt, guided: bool, prompt_2=None, negative_prompt_2=None,
+                       **sizes) -> Conditioning:
         pipe = self.pipeline
         prompts = _texts("prompt", prompt, 1)
-        if negative_prompt is not None:
-            negative_prompt = _texts("negative_prompt", negative_prompt, len(prompts))
-        if negative_prompt is not None and len(negative_prompt) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(negative_prompt)} negative prompts; pass one "
-                             "negative prompt or one per prompt")
+        negative_prompt, prompt_2, negative_prompt_2 = (
+            None if v is None else _texts(name, v, len(prompts))
+            for name, v in (("negative_prompt", negative_prompt), ("prompt_2", prompt_2),
+                            ("negative_prompt_2", negative_prompt_2)))
+        for name, v in (("negative prompts", negative_prompt), ("prompt_2 prompts", prompt_2),
+                        ("negative_prompt_2 prompts", negative_prompt_2)):
+            if v is not None and len(v) != len(prompts):
+                raise ValueError(f"got {len(prompts)} prompts but {len(v)} {name}; pass one or one per prompt")
+        extra = {} if not self.sdxl else dict(prompt_2=prompt_2, negative_prompt_2=negative_prompt_2)
         device = next(self.net.parameters()).device
         with torch.no_grad():
             out = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=guided,
-                                     negative_prompt=negative_prompt)
+                                     negative_prompt=negative_prompt, **extra)
         if len(out) == 4:  # SDXL: pooled embeddings and the size/crop time ids go in added_cond_kwargs
             embeds, negative, pooled, negative_pooled = out
-            projection = int(pooled.shape[-1]) if getattr(pipe, "text_encoder_2", None) is None else \
-                pipe.text_encoder_2.config.projection_dim
-            # StableDiffusionXLPipeline's defaults for a (height, width) image: original and target size both
-            # (height, width), crop (0, 0), and the same ids for the negative branch
-            size = tuple(int(s) * pipe.vae_scale_factor for s in self.data_shape[1:])
-            ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=embeds.dtype,
-                                         text_encoder_projection_dim=projection).to(device).repeat(len(prompts), 1)
+            ids, negative_ids = self._time_ids(len(prompts), embeds.dtype, device, pooled, **sizes)
             cond = {"encoder_hidden_states": embeds, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids}}
             uncond = {"encoder_hidden_states": negative,
-                      "added_cond_kwargs": {"text_embeds": negative_pooled, "time_ids": ids}} if guided else None
+                      "added_cond_kwargs": {"text_embeds": negative_pooled, "time_ids": negative_ids}} if guided else None
             return Conditioning(cond, uncond)
         embeds, negative = out
         return Conditioning({"encoder_hidden_states": embeds},
                             {"encoder_hidden_states": negative} if guided else None)
+
+    def _time_ids(self, batch: int, dtype: torch.dtype, device, pooled: Tensor, original_size=None,
+                  crops_coords_top_left=None, target_size=None, negative_original_size=None,
+                  negative_crops_coords_top_left=None, negative_target_size=None) -> tuple[Tensor, Tensor]:
+        """SDXL's ``(original size, crop, target size)`` time ids of both branches, with
+        ``StableDiffusionXLPipeline``'s defaults: both sizes the image's ``(height, width)``, crop ``(0, 0)``, and
+        the conditional branch's ids for the unconditional one unless both its sizes are given."""
+        pipe = self.pipeline
+        projection = int(pooled.shape[-1]) if getattr(pipe, "text_encoder_2", None) is None else \
+            pipe.text_encoder_2.config.projection_dim
+        size = tuple(int(s) * pipe.vae_scale_factor for s in self.data_shape[1:])
+        if (negative_original_size is None) != (negative_target_size is None):
+            raise ValueError("negative_original_size= and negative_target_size= go together: pass both for the "
+                             "unconditional branch's own time ids, or neither to reuse the prompt's")
+
+        def ids(original, crop, target) -> Tensor:
+            original, target = (_pair(n, v, 1) for n, v in (("original_size", original), ("target_size", target)))
+            crop = _pair("crops_coords_top_left", crop, 0)
+            return pipe._get_add_time_ids(original, crop, target, dtype=dtype,
+                                          text_encoder_projection_dim=projection).to(device).repeat(batch, 1)
+
+        cond = ids(original_size or size, crops_coords_top_left or (0, 0), target_size or size)
+        if negative_original_size is None:
+            return cond, cond
+        return cond, ids(negative_original_size, negative_crops_coords_top_left or (0, 0), negative_target_size)
 
     def _class_conditioning(self, class_labels, guided: bool) -> Conditioning:
         if self.num_classes is None:
@@ -247,6 +298,16 @@ class PretrainedScoreModel(ScoreModel):
 
     def extra_repr(self) -> str:
         return f"{self.kind}, sde={self.sde!r}, prediction={self.prediction!r}, data_shape={self.data_shape}"
+
+
+def _pair(name: str, value: Any, least: int) -> tuple[int, int]:
+    """A ``(height, width)`` / ``(top, left)`` pair of integers ``>= least``, as SDXL's time ids take them."""
+    ok = isinstance(value, (tuple, list)) and len(value) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= least for v in value)
+    if not ok:
+        raise ValueError(f"{name}= must be two integers >= {least} (pixels: (height, width), or (top, left) for the "
+                         f"crop), got {value!r}")
+    return tuple(value)
 
 
 def _texts(name: str, value: Any, copies: int) -> list[str]:

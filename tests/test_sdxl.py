@@ -75,6 +75,22 @@ def test_sdxl_with_guidance_lands_on_the_pipeline(sdxl_dir, negative):
 
 
 # -- conditioning --------------------------------------------------------------------------------------
+def stacked(cond, *keys):
+    """The ``[uncond, cond]`` stack the guided pipeline feeds its UNet, of one entry of our conditioning."""
+    def get(branch):
+        for k in keys:
+            branch = branch[k]
+        return branch
+    return torch.cat([get(cond.uncond), get(cond.cond)])
+
+
+def assert_fed_as_the_pipeline_does(cond, seen):
+    torch.testing.assert_close(stacked(cond, "encoder_hidden_states"), seen["prompt_embeds"], rtol=0, atol=0)
+    torch.testing.assert_close(stacked(cond, "added_cond_kwargs", "text_embeds"), seen["add_text_embeds"], rtol=0,
+                               atol=0)
+    torch.testing.assert_close(stacked(cond, "added_cond_kwargs", "time_ids"), seen["add_time_ids"], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("negative, size", [(None, None), ("a blue tree", (32, 48))])
 def test_conditioning_is_what_the_pipeline_feeds_its_unet(sdxl_dir, negative, size):
     """Both encoders' penultimate states, the pooled projection and the time ids (original size, crop (0, 0),
@@ -86,20 +102,69 @@ def test_conditioning_is_what_the_pipeline_feeds_its_unet(sdxl_dir, negative, si
     seen = unet_inputs(pipe, prompt=PROMPTS, negative_prompt=None if negative is None else [negative] * 2,
                        guidance_scale=2.0, **({} if size is None else dict(height=h, width=w)))
 
-    def stacked(*keys):
-        def get(branch):
-            for k in keys:
-                branch = branch[k]
-            return branch
-        return torch.cat([get(cond.uncond), get(cond.cond)])
-
-    torch.testing.assert_close(stacked("encoder_hidden_states"), seen["prompt_embeds"], rtol=0, atol=0)
-    torch.testing.assert_close(stacked("added_cond_kwargs", "text_embeds"), seen["add_text_embeds"], rtol=0, atol=0)
-    torch.testing.assert_close(stacked("added_cond_kwargs", "time_ids"), seen["add_time_ids"], rtol=0, atol=0)
+    assert_fed_as_the_pipeline_does(cond, seen)
     assert cond.cond["added_cond_kwargs"]["time_ids"].tolist() == [[h, w, 0, 0, h, w]] * 2
     assert cond.cond["encoder_hidden_states"].shape == (2, 12, 16 + 24)  # both encoders' states, concatenated
     if negative is None:  # force_zeros_for_empty_prompt
         assert not cond.uncond["encoder_hidden_states"].any() and not cond.uncond["added_cond_kwargs"]["text_embeds"].any()
+
+
+SDXL_EXTRA = dict(prompt_2=["a dog", "a tree"], negative_prompt_2="ugly", original_size=(64, 32),
+                  crops_coords_top_left=(4, 8), target_size=(16, 24), negative_original_size=(8, 8),
+                  negative_crops_coords_top_left=(2, 2), negative_target_size=(16, 16))
+
+
+@pytest.mark.parametrize("extra", [SDXL_EXTRA, {"prompt_2": "a dog", "original_size": (48, 48)}],
+                         ids=["all", "some"])
+def test_sdxl_keywords_are_the_pipelines(sdxl_dir, extra):
+    """``prompt_2`` / ``negative_prompt_2`` (the second encoder's prompts) and the size and crop micro-conditioning
+    of both branches, against what the pipeline feeds its UNet for the same keywords; without the negative sizes
+    the unconditional branch takes the prompt's time ids, as in the pipeline."""
+    pipe, model = load(sdxl_dir), from_diffusers(sdxl_dir)
+    cond = model.condition(prompt=PROMPTS, negative_prompt="a blue tree", guidance_scale=2.0, **extra).conditioning
+    # the pipeline takes a string prompt_2 beside a list of prompts as one prompt (and fails): ours means it for each
+    lists = {k: [v] * 2 if k.startswith(("prompt", "negative_prompt")) and isinstance(v, str) else v
+             for k, v in extra.items()}
+    seen = unet_inputs(pipe, prompt=PROMPTS, negative_prompt=["a blue tree"] * 2, guidance_scale=2.0, **lists)
+    for key, ours in (("prompt_embeds", stacked(cond, "encoder_hidden_states")),
+                      ("add_text_embeds", stacked(cond, "added_cond_kwargs", "text_embeds"))):
+        torch.testing.assert_close(ours, seen[key], rtol=0, atol=0)
+    # the time ids from a one-prompt call: for more prompts the pipeline stacks [negative, prompt] ids and repeats
+    # them per prompt, [n, p, n, p], against its [n, n, p, p] embeddings, so with negative sizes of their own its
+    # second unconditional row gets the prompt's ids; each of our branches keeps its own
+    one = unet_inputs(pipe, prompt=PROMPTS[:1], negative_prompt="a blue tree", guidance_scale=2.0,
+                      **{k: v[:1] if isinstance(v, list) else v for k, v in lists.items()})["add_time_ids"]
+    for branch, row in ((cond.uncond, one[0]), (cond.cond, one[1])):
+        torch.testing.assert_close(branch["added_cond_kwargs"]["time_ids"], row.expand(2, -1), rtol=0, atol=0)
+    plain = model.condition(prompt=PROMPTS, negative_prompt="a blue tree", guidance_scale=2.0).conditioning
+    # the second encoder's half of the states (its 24 channels) changes with prompt_2, the first encoder's does not
+    states, before = cond.cond["encoder_hidden_states"], plain.cond["encoder_hidden_states"]
+    torch.testing.assert_close(states[..., :16], before[..., :16], rtol=0, atol=0)
+    assert rel_mad(states[..., 16:], before[..., 16:]) > 0.01
+    ids = cond.cond["added_cond_kwargs"]["time_ids"][0].tolist()
+    assert ids == [*extra["original_size"], *extra.get("crops_coords_top_left", (0, 0)),
+                   *extra.get("target_size", (16, 16))]
+
+
+def test_sdxl_keywords_bad_input(sdxl_dir, tmp_path):
+    from scorekit.testing import tiny_sd
+
+    model = from_diffusers(sdxl_dir)
+    with pytest.raises(ValueError, match="negative_original_size= and negative_target_size= go together"):
+        model.condition(prompt=PROMPTS, guidance_scale=2.0, negative_original_size=(8, 8))
+    with pytest.raises(ValueError, match=r"original_size= must be two integers >= 1 \(pixels"):
+        model.condition(prompt=PROMPTS, original_size=(0, 16))
+    with pytest.raises(ValueError, match=r"crops_coords_top_left= must be two integers >= 0"):
+        model.condition(prompt=PROMPTS, crops_coords_top_left=(1.5, 0))
+    with pytest.raises(ValueError, match="got 2 prompts but 3 prompt_2 prompts"):
+        model.condition(prompt=PROMPTS, prompt_2=["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"go with prompt=: the pipeline builds them"):
+        model.condition(encoder_hidden_states=torch.zeros(2, 12, 40), original_size=(16, 16))
+    with pytest.raises(TypeError, match=r"unexpected keyword\(s\) \['prompt_3'\]"):
+        model.condition(prompt=PROMPTS, prompt_3="x")
+    tiny_sd(tmp_path / "sd")
+    with pytest.raises(ValueError, match=r"\['prompt_2'\] are Stable Diffusion XL keywords .* this UNet2DConditionModel"):
+        from_diffusers(tmp_path / "sd").condition(prompt="a cat", prompt_2="a dog")
 
 
 def test_precomputed_embeddings_give_the_same_score(sdxl_dir):
