@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from .checkpoint import atomic_dir, load_json
 from .score import Conditioning, ScoreModel
 from .sde import VESDE, VPSDE, DiscreteVPSDE
+from .validate import positive
 
 __all__ = ["PREDICTION_TYPES", "PretrainedScoreModel", "from_diffusers", "save_diffusers"]
 
@@ -51,7 +52,8 @@ SUPPORTED = (
 )
 #: the keywords StableDiffusionXLPipeline takes beside prompt= and negative_prompt=, with the same meaning here
 SDXL_KEYWORDS = ("prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size",
-                 "negative_original_size", "negative_crops_coords_top_left", "negative_target_size")
+                 "negative_original_size", "negative_crops_coords_top_left", "negative_target_size",
+                 "aesthetic_score", "negative_aesthetic_score")
 PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 # what diffusers' schedulers do that scorekit's samplers do not, and what scorekit does instead
 SAMPLING_FLAGS = {
@@ -117,7 +119,11 @@ class PretrainedScoreModel(ScoreModel):
         self.upcast_autoencoder = sdxl and bool(_get(ae_config, "force_upcast"))
         self.kind = type(net).__name__
         self.num_classes = _num_classes(net)
-        self.text = getattr(pipeline, "tokenizer", None) is not None and getattr(pipeline, "text_encoder", None) is not None
+        # the SDXL refiner has only the second tokenizer and text encoder
+        self.text = any(getattr(pipeline, f"tokenizer{n}", None) is not None
+                        and getattr(pipeline, f"text_encoder{n}", None) is not None for n in ("", "_2"))
+        # the refiner's time ids: original size, crop and an aesthetic score (no target size)
+        self.aesthetic = sdxl and bool(_get(getattr(pipeline, "config", {}), "requires_aesthetics_score"))
         self.requires_condition = self.kind.endswith("ConditionModel") or self.num_classes is not None
         self.condition_help = "prompt=, negative_prompt=, guidance_scale=" if self.text else (
             "class_labels=, guidance_scale=" if self.num_classes is not None else "encoder_hidden_states=")
@@ -156,6 +162,12 @@ class PretrainedScoreModel(ScoreModel):
         - ``negative_original_size``, ``negative_target_size`` (both or neither) and
           ``negative_crops_coords_top_left`` (default ``(0, 0)``): the unconditional branch's own time ids;
           without them it takes the conditional branch's, as in the pipeline.
+
+        The refiner (``StableDiffusionXLImg2ImgPipeline`` with ``requires_aesthetics_score``, one text encoder)
+        has the time ids ``(original size, crop, aesthetic score)`` of that pipeline: ``aesthetic_score``
+        (``float``, default 6.0) and ``negative_aesthetic_score`` (default 2.5; Podell et al. 2023, App. I), with
+        ``negative_original_size`` (default: ``original_size``) and ``negative_crops_coords_top_left`` (default
+        ``(0, 0)``); it takes no ``target_size``.
         """
         unknown = sorted(set(sdxl) - set(SDXL_KEYWORDS))
         if unknown:
@@ -211,28 +223,48 @@ class PretrainedScoreModel(ScoreModel):
 
     def _time_ids(self, batch: int, dtype: torch.dtype, device, pooled: Tensor, original_size=None,
                   crops_coords_top_left=None, target_size=None, negative_original_size=None,
-                  negative_crops_coords_top_left=None, negative_target_size=None) -> tuple[Tensor, Tensor]:
-        """SDXL's ``(original size, crop, target size)`` time ids of both branches, with
-        ``StableDiffusionXLPipeline``'s defaults: both sizes the image's ``(height, width)``, crop ``(0, 0)``, and
-        the conditional branch's ids for the unconditional one unless both its sizes are given."""
+                  negative_crops_coords_top_left=None, negative_target_size=None, aesthetic_score=None,
+                  negative_aesthetic_score=None) -> tuple[Tensor, Tensor]:
+        """SDXL's time ids of both branches, with the pipelines' defaults. Base: ``(original size, crop, target
+        size)``, both sizes the image's ``(height, width)``, crop ``(0, 0)``, and the conditional branch's ids for
+        the unconditional one unless both its sizes are given (``StableDiffusionXLPipeline``). Refiner:
+        ``(original size, crop, aesthetic score)`` per branch (``StableDiffusionXLImg2ImgPipeline``)."""
         pipe = self.pipeline
         projection = int(pooled.shape[-1]) if getattr(pipe, "text_encoder_2", None) is None else \
             pipe.text_encoder_2.config.projection_dim
         size = tuple(int(s) * pipe.vae_scale_factor for s in self.data_shape[1:])
+        original = _pair("original_size", original_size or size, 1)
+        crop = _pair("crops_coords_top_left", crops_coords_top_left or (0, 0), 0)
+        negative_crop = _pair("negative_crops_coords_top_left", negative_crops_coords_top_left or (0, 0), 0)
+
+        def ids(*values) -> Tensor:
+            expected = self.net.add_embedding.linear_1.in_features - projection
+            if expected != len(values) * self.net.config.addition_time_embed_dim:  # a config that does not fit
+                raise ValueError(f"this SDXL UNet embeds {expected // self.net.config.addition_time_embed_dim} time "
+                                 f"ids, but its pipeline's config makes {len(values)} (requires_aesthetics_score="
+                                 f"{self.aesthetic}); fix requires_aesthetics_score in model_index.json")
+            return torch.tensor([values], dtype=dtype, device=device).repeat(batch, 1)
+
+        if self.aesthetic:
+            if target_size is not None or negative_target_size is not None:
+                raise ValueError("the SDXL refiner's time ids hold no target size (original size, crop, aesthetic "
+                                 "score): pass original_size=, crops_coords_top_left= and aesthetic_score=")
+            score = positive(6.0 if aesthetic_score is None else aesthetic_score, "aesthetic_score")
+            negative_score = positive(2.5 if negative_aesthetic_score is None else negative_aesthetic_score,
+                                      "negative_aesthetic_score")
+            negative_original = _pair("negative_original_size", negative_original_size or original, 1)
+            return ids(*original, *crop, score), ids(*negative_original, *negative_crop, negative_score)
+        if aesthetic_score is not None or negative_aesthetic_score is not None:
+            raise ValueError("aesthetic_score= is for the SDXL refiner (requires_aesthetics_score); this SDXL "
+                             "pipeline's time ids are original size, crop and target size")
         if (negative_original_size is None) != (negative_target_size is None):
             raise ValueError("negative_original_size= and negative_target_size= go together: pass both for the "
                              "unconditional branch's own time ids, or neither to reuse the prompt's")
-
-        def ids(original, crop, target) -> Tensor:
-            original, target = (_pair(n, v, 1) for n, v in (("original_size", original), ("target_size", target)))
-            crop = _pair("crops_coords_top_left", crop, 0)
-            return pipe._get_add_time_ids(original, crop, target, dtype=dtype,
-                                          text_encoder_projection_dim=projection).to(device).repeat(batch, 1)
-
-        cond = ids(original_size or size, crops_coords_top_left or (0, 0), target_size or size)
+        cond = ids(*original, *crop, *_pair("target_size", target_size or size, 1))
         if negative_original_size is None:
             return cond, cond
-        return cond, ids(negative_original_size, negative_crops_coords_top_left or (0, 0), negative_target_size)
+        return cond, ids(*_pair("negative_original_size", negative_original_size, 1), *negative_crop,
+                         *_pair("negative_target_size", negative_target_size, 1))
 
     def _class_conditioning(self, class_labels, guided: bool) -> Conditioning:
         if self.num_classes is None:

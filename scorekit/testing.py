@@ -98,7 +98,7 @@ def tiny_sd(directory: Path, schedule: str = "scaled_linear", prediction_type: s
     return pipe
 
 
-def tiny_sdxl(directory: Path, seed: int = 0, vae: dict[str, Any] | None = None):
+def tiny_sdxl(directory: Path, seed: int = 0, vae: dict[str, Any] | None = None, refiner: bool = False):
     """A StableDiffusionXLPipeline saved to ``directory``; returns the loaded pipeline.
 
     As SDXL base is built: a CLIPTextModel (hidden size 16) and a CLIPTextModelWithProjection (hidden size 24,
@@ -108,27 +108,39 @@ def tiny_sdxl(directory: Path, seed: int = 0, vae: dict[str, Any] | None = None)
     has no attention; an AutoencoderKL with SDXL's ``scaling_factor`` 0.13025 (``vae`` adds config); and
     SDXL's EulerDiscreteScheduler (scaled-linear betas 0.00085..0.012, leading spacing, steps_offset 1).
     Latents are 4 x 8 x 8, images 16 x 16.
+
+    ``refiner=True`` builds the SDXL refiner's layout instead, a ``StableDiffusionXLImg2ImgPipeline`` with only
+    the second text encoder (the UNet's cross-attention input is its 24 dims) and ``requires_aesthetics_score``:
+    five time ids, original size, crop and the aesthetic score (8 + 5 * 4 inputs).
     """
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer, tokenizer_2 = tiny_tokenizer(directory / "_vocab"), tiny_tokenizer(directory / "_vocab_2")
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(_clip_config(tokenizer, 16)).eval()
     text_encoder_2 = CLIPTextModelWithProjection(_clip_config(tokenizer_2, 24, projection_dim=8)).eval()
-    time_dim = 4
+    time_dim, ids = 4, 5 if refiner else 6
+    states = text_encoder_2.config.hidden_size + (0 if refiner else text_encoder.config.hidden_size)
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
                                 block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-                                cross_attention_dim=text_encoder.config.hidden_size + text_encoder_2.config.hidden_size,
+                                cross_attention_dim=states,
                                 attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8,
                                 addition_embed_type="text_time", addition_time_embed_dim=time_dim,
-                                projection_class_embeddings_input_dim=text_encoder_2.config.projection_dim + 6 * time_dim,
+                                projection_class_embeddings_input_dim=text_encoder_2.config.projection_dim + ids * time_dim,
                                 ).eval()
     sched = scheduler("scaled_linear", cls="EulerDiscreteScheduler", timestep_spacing="leading", steps_offset=1)
-    pipe = StableDiffusionXLPipeline(vae=tiny_vae(scaling_factor=0.13025, **(vae or {})), text_encoder=text_encoder,
-                                     text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
-                                     unet=unet, scheduler=sched, add_watermarker=False)
+    autoencoder = tiny_vae(scaling_factor=0.13025, **(vae or {}))
+    if refiner:
+        pipe = StableDiffusionXLImg2ImgPipeline(vae=autoencoder, text_encoder=None, text_encoder_2=text_encoder_2,
+                                                tokenizer=None, tokenizer_2=tokenizer_2, unet=unet, scheduler=sched,
+                                                requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
+                                                add_watermarker=False)
+    else:
+        pipe = StableDiffusionXLPipeline(vae=autoencoder, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                         tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=sched,
+                                         add_watermarker=False)
     pipe.save_pretrained(directory)
     pipe.set_progress_bar_config(disable=True)
     return pipe

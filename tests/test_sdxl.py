@@ -36,7 +36,7 @@ def load(path, dtype=torch.float32):
     return pipe
 
 
-def unet_inputs(pipe, **kw):
+def unet_inputs(pipe, steps: int = 1, **kw):
     """The conditioning ``StableDiffusionXLPipeline`` feeds its UNet (guided: ``[uncond, cond]`` stacked)."""
     seen = {}
 
@@ -44,7 +44,7 @@ def unet_inputs(pipe, **kw):
         seen.update(tensors)
         return {}
 
-    pipe(num_inference_steps=1, output_type="latent", callback_on_step_end=grab,
+    pipe(num_inference_steps=steps, output_type="latent", callback_on_step_end=grab,
          callback_on_step_end_tensor_inputs=["prompt_embeds", "add_text_embeds", "add_time_ids"], **kw)
     return seen
 
@@ -165,6 +165,52 @@ def test_sdxl_keywords_bad_input(sdxl_dir, tmp_path):
     tiny_sd(tmp_path / "sd")
     with pytest.raises(ValueError, match=r"\['prompt_2'\] are Stable Diffusion XL keywords .* this UNet2DConditionModel"):
         from_diffusers(tmp_path / "sd").condition(prompt="a cat", prompt_2="a dog")
+
+
+@pytest.fixture(scope="module")
+def refiner_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sdxl_refiner") / "pipe"
+    tiny_sdxl(path, refiner=True)
+    return path
+
+
+def refiner_unet_inputs(path, **kw):
+    """What ``StableDiffusionXLImg2ImgPipeline`` (the refiner) feeds its UNet for one image's prompt."""
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(path, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 16, 16, generator=gen(11))
+    return unet_inputs(pipe, steps=2, image=image, strength=0.5, **kw)
+
+
+@pytest.mark.parametrize("extra", [{}, dict(aesthetic_score=7.5, negative_aesthetic_score=1.0, original_size=(64, 32),
+                                            crops_coords_top_left=(4, 8), negative_original_size=(8, 8),
+                                            negative_crops_coords_top_left=(2, 2))], ids=["defaults", "all"])
+def test_refiner_conditioning_is_the_img2img_pipelines(refiner_dir, extra):
+    """The SDXL refiner (second text encoder only, aesthetic-score time ids): the prompt embeddings, the pooled
+    embedding and each branch's (original size, crop, aesthetic score) ids, against the pipeline's."""
+    model = from_diffusers(refiner_dir)
+    assert model.requires_condition and model.aesthetic
+    cond = model.condition(prompt="a cat", negative_prompt="a blue tree", guidance_scale=2.0, **extra).conditioning
+    seen = refiner_unet_inputs(refiner_dir, prompt="a cat", negative_prompt="a blue tree", guidance_scale=2.0, **extra)
+    assert_fed_as_the_pipeline_does(cond, seen)
+    assert cond.cond["encoder_hidden_states"].shape == (1, 12, 24)
+    score = extra.get("aesthetic_score", 6.0), extra.get("negative_aesthetic_score", 2.5)
+    assert [cond.cond["added_cond_kwargs"]["time_ids"][0, -1].item(),
+            cond.uncond["added_cond_kwargs"]["time_ids"][0, -1].item()] == list(score)
+    with torch.no_grad():  # and it samples: the guided score is finite and moves with the aesthetic score
+        x, t = torch.randn(1, 4, 8, 8, generator=gen(12)), torch.tensor([0.3])
+        a = model.condition(prompt="a cat", guidance_scale=2.0, **extra)(x, t)
+        b = model.condition(prompt="a cat", guidance_scale=2.0, **{**extra, "aesthetic_score": 3.0})(x, t)
+    assert torch.isfinite(a).all() and rel_mad(a, b) > 1e-3
+
+
+def test_refiner_bad_keywords(refiner_dir, sdxl_dir):
+    with pytest.raises(ValueError, match="the SDXL refiner's time ids hold no target size"):
+        from_diffusers(refiner_dir).condition(prompt="a cat", target_size=(16, 16))
+    with pytest.raises(ValueError, match="aesthetic_score must be"):
+        from_diffusers(refiner_dir).condition(prompt="a cat", aesthetic_score=-1.0)
+    with pytest.raises(ValueError, match=r"aesthetic_score= is for the SDXL refiner"):
+        from_diffusers(sdxl_dir).condition(prompt="a cat", aesthetic_score=6.0)
 
 
 def test_precomputed_embeddings_give_the_same_score(sdxl_dir):
