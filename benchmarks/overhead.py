@@ -180,17 +180,22 @@ def _fastest(runs: list[dict]) -> dict:
     return min(runs, key=lambda r: r["seconds"])
 
 
+def _median(values: list[float]) -> float:
+    # the ratio of a round pairs two processes run one after the other: robust to drift, and the median to the
+    # one process whose heap happened to settle well
+    return float(np.median(values))
+
+
 def reference_rows(args: list[str], rounds: int) -> list[list[str]]:
     runs = in_processes(["pc", "pc_ref", "ode", "ode_ref"], args, rounds)
     rows = []
     for name, ours, ref in (("PC (reverse diffusion + Langevin)", "pc", "pc_ref"),
                             ("probability-flow ODE (dopri5 vs RK45, rtol 1e-3)", "ode", "ode_ref")):
         a, b = _fastest(runs[ours]), _fastest(runs[ref])
-        per_a, per_b = a["seconds"] / a["nfe"], b["seconds"] / b["nfe"]
-        spread = ", ".join(fmt((x["seconds"] / x["nfe"]) / (y["seconds"] / y["nfe"]), 3)
-                           for x, y in zip(runs[ours], runs[ref]))
-        rows.append([name, str(a["nfe"]), str(b["nfe"]), fmt(per_a * 1e3), fmt(per_b * 1e3), fmt(per_a / per_b, 3),
-                     spread, f"{a['faults']} / {b['faults']}"])
+        ratios = [(x["seconds"] / x["nfe"]) / (y["seconds"] / y["nfe"]) for x, y in zip(runs[ours], runs[ref])]
+        rows.append([name, str(a["nfe"]), str(b["nfe"]), fmt(a["seconds"] / a["nfe"] * 1e3),
+                     fmt(b["seconds"] / b["nfe"] * 1e3), fmt(_median(ratios), 3), ", ".join(fmt(r, 3) for r in ratios),
+                     f"{a['faults']} / {b['faults']}"])
     return rows
 
 
@@ -278,17 +283,20 @@ def trainer_rows(args: list[str], rounds: int) -> list[list[str]]:
     # what clipping and EMA cost in themselves; each variant in its own fresh processes, as the samplers
     variants = ["bare", "bare+clip+ema", "Trainer"]
     runs = in_processes(variants, args, rounds)
-    best = {v: _fastest(runs[v])["seconds"] for v in variants}
-    return [[v, fmt(1 / best[v], 1), fmt(best[v] / best["bare+clip+ema"], 3),
-             ", ".join(fmt(x["seconds"] / y["seconds"], 3) for x, y in zip(runs[v], runs["bare+clip+ema"]))]
-            for v in variants]
+    rows = []
+    for v in variants:
+        ratios = [x["seconds"] / y["seconds"] for x, y in zip(runs[v], runs["bare+clip+ema"])]
+        rows.append([v, fmt(1 / _fastest(runs[v])["seconds"], 1), fmt(_median(ratios), 3),
+                     ", ".join(fmt(r, 3) for r in ratios), ", ".join(str(round(x["faults"])) for x in runs[v])])
+    return rows
 
 
 def trainer_case(variant: str, device: str, steps: int) -> dict:
     """One Trainer variant in this process: seconds per optimiser step (``benchmarks.training.run_variant``)."""
     from .training import run_variant
 
-    return {"seconds": 1 / run_variant(variant, "mlp", steps, 10, 128, device)["steps_per_s"]}
+    run = run_variant(variant, "mlp", steps, 10, 128, device)
+    return {"seconds": 1 / run["steps_per_s"], "faults": run["faults_per_step"]}
 
 
 # -- 4. host reads per step ------------------------------------------------------------------------
@@ -373,11 +381,13 @@ def main(argv: list[str] | None = None) -> int:
     text = (f"# Loop overhead (device {dev}, torch {torch.__version__}, {torch.get_num_threads()} threads"
             f"{', QUICK smoke run: numbers not meaningful' if quick else ''})\n\n"
             f"## Samplers vs score_sde's reference code (MLP {hidden}x3 on 1x8x8, batch {ref_batch})\n\n"
-            f"Each contender runs in {rounds} fresh processes (interleaved), {rep} timed runs each after a warm-up; the\n"
-            "fastest run counts. The per-round ratios show the spread; the page faults (minor, per run, of the\n"
-            "fastest process) show the C heap's part in it (see `in_processes`).\n\n"
+            f"Each contender runs in {rounds} fresh processes (interleaved), {rep} timed runs each after a warm-up, the\n"
+            "fastest run of each process counting; a round's ratio pairs the two processes it ran, the ratio is their\n"
+            "median. The page faults (minor, per run, of each side's fastest process) show the C heap's part in the\n"
+            "spread (see `in_processes`).\n\n"
             + markdown_table(["sampler", "NFE scorekit", "NFE reference", "ms/NFE scorekit", "ms/NFE reference",
-                              "ratio (<= 1: no slower)", "ratio per round", "page faults scorekit / reference"],
+                              "ratio, median of rounds (<= 1: no slower)", "ratio per round",
+                              "page faults scorekit / reference"],
                              ref)
             + f"\n## Sampler overhead vs diffusers' scheduler loop (UNet2DModel {list(channels)} on "
               f"{unet_batch}x3x{size}x{size})\n\n"
@@ -387,9 +397,9 @@ def main(argv: list[str] | None = None) -> int:
             + markdown_table(["loop", "network", "steps", "network ms/step", "scorekit overhead ms/step",
                               "diffusers overhead ms/step", "ratio (<= 1: no more overhead)"], diff)
             + f"\n## Trainer vs bare loop (benchmarks.training.run_variant, MLP on digits, {train_steps} steps, "
-              f"{rounds} fresh processes each, the fastest counts)\n\n"
-            + markdown_table(["variant", "steps/s", "time per step vs bare+clip+ema (target <= 1.05)",
-                              "ratio per round"], train)
+              f"{rounds} fresh processes each, paired by round, the median ratio counts)\n\n"
+            + markdown_table(["variant", "steps/s", "time per step vs bare+clip+ema, median of rounds (target <= 1.05)",
+                              "ratio per round", "minor page faults per step, per round"], train)
             + "\n## Host reads (item / tolist / bool) from samplers/ per run, exact 2-D mixture score: none per "
               "step beyond the every-k NaN check (and a few tolist calls on the host grid at set-up)\n\n"
             + markdown_table(["sampler", "steps", "reads (grid set-up + NaN checks)", "NaN checks (every k + end)"],

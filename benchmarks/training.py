@@ -59,7 +59,7 @@ def run_variant(variant: str, net: str, steps: int, warmup: int, batch: int, dev
         trainer = Trainer(model, make_dsm_loss(sde), x, cfg)
         trainer.train(steps=warmup)
         sync()
-        t0 = time.perf_counter()
+        faults, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
         trainer.train(steps=total)
         sync()
         seconds = time.perf_counter() - t0
@@ -78,7 +78,7 @@ def run_variant(variant: str, net: str, steps: int, warmup: int, batch: int, dev
         for i in range(total):
             if i == warmup:
                 sync()
-                t0 = time.perf_counter()
+                faults, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
             idx = torch.randint(0, len(x), (batch,), generator=g, device=device)
             loss = dsm_loss(model, sde, x[idx], generator=g)
             opt.zero_grad(set_to_none=True)
@@ -96,8 +96,9 @@ def run_variant(variant: str, net: str, steps: int, warmup: int, batch: int, dev
         torch.stack(losses).tolist()  # the losses, read back once (the Trainer reads them every 100 steps)
         sync()
         seconds = time.perf_counter() - t0
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"variant": variant, "steps_per_s": steps / seconds, "peak_mb": peak}
+    return {"variant": variant, "steps_per_s": steps / seconds, "peak_mb": peak, "faults_per_step": faults / steps}
 
 
 def main(argv: list[str] | None = None) -> int:
