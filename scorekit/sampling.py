@@ -130,17 +130,24 @@ def _apply_adapter(module: torch.nn.Module, adapter: str | os.PathLike, device) 
 
 
 def condition_score(model, *, prompt: str | None = None, negative_prompt: str | None = None,
-                    guidance_scale: float | None = None, class_label: int | None = None):
+                    guidance_scale: float | None = None, class_label: int | None = None,
+                    prompt_2: str | None = None, negative_prompt_2: str | None = None):
     """The score function ``scorekit sample`` draws from: ``model`` itself, or ``model.condition(...)`` with a
-    prompt (one for every sample) or a class label, classifier-free guided when ``guidance_scale > 1``."""
+    prompt (one for every sample; SDXL also ``prompt_2`` / ``negative_prompt_2`` for its second text encoder) or
+    a class label, classifier-free guided when ``guidance_scale > 1``."""
     kwargs: dict = {}
     if negative_prompt is not None and prompt is None:
         raise ValueError("--negative-prompt needs --prompt")
+    second = {k: v for k, v in (("prompt_2", prompt_2), ("negative_prompt_2", negative_prompt_2)) if v is not None}
+    if second and (prompt is None or not getattr(model, "sdxl", False)):
+        raise ValueError("--prompt-2 / --negative-prompt-2 are the second text encoder's prompts of a Stable "
+                         "Diffusion XL pipeline and go with --prompt" + ("" if getattr(model, "sdxl", False) else
+                                                                         "; this model is not an SDXL pipeline"))
     if prompt is not None:
         if not getattr(model, "text", False):
             raise ValueError("--prompt needs a text-to-image pipeline (one with a tokenizer and a text encoder); "
                              "this model has none")
-        kwargs.update(prompt=prompt, negative_prompt=negative_prompt)
+        kwargs.update(prompt=prompt, negative_prompt=negative_prompt, **second)
     if class_label is not None:
         if getattr(model, "num_classes", None) is None:
             raise ValueError("--class-label needs a class-conditional model (DiT, or a UNet with num_class_embeds); "

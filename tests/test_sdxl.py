@@ -304,3 +304,28 @@ def test_bad_prompts_are_refused(sdxl_dir):
         model.condition(negative_prompt="a dog", guidance_scale=2.0)
     with pytest.raises(ValueError, match=r"conditional: call model.condition\(...\) \(prompt="):
         model(torch.randn(1, 4, 8, 8), torch.tensor([0.5]))
+
+
+# -- the command line --------------------------------------------------------------------------------
+def test_sample_cli_second_prompts(sdxl_dir, tmp_path, capsys):
+    """``scorekit sample --prompt-2 / --negative-prompt-2`` bind the same conditioning as ``model.condition``; on a
+    pipeline with one text encoder they are refused, naming the flags, and nothing is written."""
+    from scorekit.cli import main
+    from scorekit.sampling import condition_score
+    from scorekit.testing import tiny_sd
+
+    model = from_diffusers(sdxl_dir)
+    ours = condition_score(model, prompt="a cat", negative_prompt="a tree", prompt_2="a dog",
+                           negative_prompt_2="ugly", guidance_scale=2.0).conditioning
+    ref = model.condition(prompt="a cat", negative_prompt="a tree", prompt_2="a dog", negative_prompt_2="ugly",
+                          guidance_scale=2.0).conditioning
+    torch.testing.assert_close(stacked(ours, "encoder_hidden_states"), stacked(ref, "encoder_hidden_states"),
+                               rtol=0, atol=0)
+    plain = model.condition(prompt="a cat", negative_prompt="a tree", guidance_scale=2.0).conditioning
+    assert rel_mad(stacked(ours, "encoder_hidden_states"), stacked(plain, "encoder_hidden_states")) > 1e-3
+    tiny_sd(tmp_path / "sd")
+    out = tmp_path / "x.png"
+    assert main(["sample", "--checkpoint", str(tmp_path / "sd"), "--prompt", "a cat", "--prompt-2", "a dog",
+                 "--steps", "2", "--n", "1", "--device", "cpu", "--no-progress", "--out", str(out)]) == 2
+    assert "--prompt-2 / --negative-prompt-2 are the second text encoder's prompts" in capsys.readouterr().err
+    assert not out.exists()

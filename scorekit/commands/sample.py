@@ -51,6 +51,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--prompt", default=None, help="text prompt (text-to-image pipelines)")
     c.add_argument("--negative-prompt", "--negative_prompt", dest="negative_prompt", default=None,
                    help="negative prompt for classifier-free guidance (default: the empty prompt, as diffusers)")
+    c.add_argument("--prompt-2", "--prompt_2", dest="prompt_2", default=None,
+                   help="SDXL: prompt of the second text encoder (default: --prompt, as diffusers)")
+    c.add_argument("--negative-prompt-2", "--negative_prompt_2", dest="negative_prompt_2", default=None,
+                   help="SDXL: negative prompt of the second text encoder (default: --negative-prompt)")
     c.add_argument("--guidance-scale", "--guidance_scale", dest="guidance_scale", type=float, default=None,
                    help="classifier-free guidance weight W (on when W > 1, as in diffusers)")
     c.add_argument("--class-label", "--class_label", dest="class_label", type=int, default=None,
@@ -123,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
         model, cfg = load_model(args.checkpoint, ema=not args.raw_weights, device=device, height=args.height,
                                 width=args.width, dtype=dtype, adapter=args.adapter)
         score_fn = condition_score(model, prompt=args.prompt, negative_prompt=args.negative_prompt,
-                                   guidance_scale=args.guidance_scale, class_label=args.class_label)
+                                   guidance_scale=args.guidance_scale, class_label=args.class_label,
+                                   prompt_2=args.prompt_2, negative_prompt_2=args.negative_prompt_2)
         flags = {"sampler": args.sampler, "n": len(seeds) if seeds else args.n, "batch_size": args.batch_size,
                  "seed": args.seed, "snr": args.snr, "eps": args.eps, "method": args.method}
         cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
@@ -158,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
         seconds = time.perf_counter() - t0
         meta = {"sampler": cfg.sampler, "steps": steps, "seed": cfg.seed, "seeds": args.seeds, "nfe": score.nfe,
                 "guidance": args.guidance, "checkpoint": str(args.checkpoint), "prompt": args.prompt,
+                "prompt_2": args.prompt_2, "negative_prompt_2": args.negative_prompt_2,
                 "negative_prompt": args.negative_prompt, "guidance_scale": args.guidance_scale, "adapter": args.adapter,
                 "class_label": args.class_label}
         written = [save_outdir(samples, args.outdir)] if args.outdir else []
