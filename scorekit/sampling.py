@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .config import SampleConfig, load_score_model
+from .launch import warn_if_launch_was_not_split
 from .validate import non_negative_int, positive_int
 
 __all__ = ["SAMPLERS", "GUIDANCE", "GuidanceOptions", "build_guidance", "load_model", "condition_score",
@@ -297,35 +298,6 @@ class Processes:
             dist.destroy_process_group()
 
 
-_SPLIT_COMMAND = ("`accelerate launch --multi_gpu --num_processes N -m scorekit.cli ...` (it runs torchrun; on CPU "
-                  "too, with --device cpu where CUDA is visible) or `torchrun --nproc_per_node N -m scorekit.cli -- ...`")
-_MPI_SIZES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")  # accelerate's list for multi-CPU
-
-
-def _warn_if_launch_was_not_split() -> None:
-    """Warn when this process runs alone (no ``WORLD_SIZE``) although its launcher asked for several.
-    ``accelerate launch`` without ``--multi_gpu`` (``--cpu``, a multi-CPU config, ``--num_processes N`` on
-    fewer than two GPUs) uses its simple launcher: ONE process, marked by ``ACCELERATE_USE_CPU``, with
-    ``MASTER_ADDR`` set only for ``--num_processes > 1`` or ``--num_machines > 1`` (the processes are left to
-    mpirun and a hostfile). mpirun's processes carry MPI's sizes, which scorekit does not read."""
-    env = os.environ
-    if "WORLD_SIZE" in env:
-        return
-    import warnings
-
-    mpi = next((f"{k}={env[k]}" for k in _MPI_SIZES if env.get(k, "").isdigit() and int(env[k]) > 1), None)
-    if mpi is not None:
-        message = (f"scorekit takes its process group from torchrun's RANK/WORLD_SIZE, not from MPI ({mpi}): each "
-                   f"of these processes works alone on every seed. Launch with {_SPLIT_COMMAND}.")
-    elif "ACCELERATE_USE_CPU" in env and "MASTER_ADDR" in env:
-        message = ("accelerate launch started this process alone: without --multi_gpu (or a hostfile for mpirun), "
-                   "`--cpu --num_processes N` and multi-CPU configs run a single process, so nothing is split. "
-                   f"For N processes use {_SPLIT_COMMAND}.")
-    else:
-        return
-    warnings.warn(message, stacklevel=3)
-
-
 def init_processes(device: str | None = None) -> Processes:
     """Join the process group that ``torchrun`` or ``accelerate launch`` describe in the environment
     (``WORLD_SIZE > 1``): gloo on the CPU, NCCL on CUDA. A single process starts nothing. The work is
@@ -333,7 +305,7 @@ def init_processes(device: str | None = None) -> Processes:
     mid-run (an adaptive solver may take different numbers of steps on each)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        _warn_if_launch_was_not_split()
+        warn_if_launch_was_not_split("every seed")
         return Processes()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
     procs = Processes(rank, world, local)

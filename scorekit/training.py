@@ -53,6 +53,7 @@ from .checkpoint import (
     save_json,
     save_tensors,
 )
+from .launch import warn_if_launch_was_not_split
 from .validate import fraction, int_at_least, non_negative, non_negative_int, positive, positive_int
 
 try:  # POSIX; elsewhere runs are not locked
@@ -521,6 +522,8 @@ class TrainingLoop:
             accelerator = Accelerator(mixed_precision=resolve_precision(config.mixed_precision),
                                       cpu=not torch.cuda.is_available())
         self.accelerator = accelerator
+        if accelerator.num_processes == 1:  # accelerate joins torchrun's and MPI's groups itself; else it is alone
+            warn_if_launch_was_not_split("the whole training run")
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.callbacks, self.meta = list(callbacks), meta or {}
         self.tracked: dict[str, Tracked] = {}

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +158,24 @@ def test_a_launch_that_did_not_split_is_named(monkeypatch, env, message):
         monkeypatch.setenv(k, v)
     with pytest.warns(UserWarning, match=re.escape(message)):
         assert init_processes("cpu").world == 1
+
+
+def test_a_training_run_launched_alone_says_so(monkeypatch):
+    """``accelerate launch --cpu --num_processes 2 -m scorekit.cli train`` runs one process: the training loop
+    warns with the command that splits; a plain single process stays quiet."""
+    from scorekit.training import TrainConfig, Trainer
+
+    for k in ("WORLD_SIZE", "MASTER_ADDR", "ACCELERATE_USE_CPU", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    make = lambda: Trainer(torch.nn.Linear(1, 1), lambda m, b, g: m(b).mean(), torch.ones(4, 1),  # noqa: E731
+                           TrainConfig(steps=1, batch_size=2, progress=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make()
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    with pytest.warns(UserWarning, match=r"started this process alone: .* which does the whole training run alone"):
+        make()
 
 
 @pytest.mark.parametrize("env", [
