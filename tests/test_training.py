@@ -327,6 +327,7 @@ flat = torch.cat([p.detach().flatten() for p in tr.unwrapped.parameters()])
 gathered = tr.accelerator.gather(flat[None])
 if tr.is_main:
     print("WORLD", tr.accelerator.num_processes, "MAXDIFF", (gathered - gathered[0]).abs().max().item())
+tr.accelerator.end_training()  # leave the process group before exit (else gloo's threads may abort at teardown)
 """
 
 

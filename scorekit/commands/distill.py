@@ -72,4 +72,5 @@ def run(args: argparse.Namespace) -> int:
         if samples.ndim == 4:
             shown.append(f"samples {save_image_grid(samples, out / 'samples.png')}")
         print(f"distilled {fd.step} generator steps ({fd.divergence_name}); " + ", ".join(shown))
+    fd.accelerator.end_training()  # leaves the process group (torchrun) before exit, as accelerate asks
     return 0

@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         paths = write()
         shown = ", ".join(f"{k}: {v}" for k, v in paths.items())
         print(f"fine-tuned {trainer.step} steps ({cfg.method}, {summary['trainable']} trainable parameters); {shown}")
+    trainer.accelerator.end_training()  # leaves the process group (torchrun) before exit, as accelerate asks
     return 0
 
 

@@ -25,4 +25,5 @@ def run(args: argparse.Namespace) -> int:
     if trainer.is_main:
         path = plot_loss(trainer.history, Path(cfg.out_dir) / "loss.png", title=f"DSM loss ({cfg.sde.name}, {cfg.data.name})")
         print(f"trained {trainer.step} steps; checkpoints in {Path(cfg.out_dir) / 'checkpoints'}; loss curve {path}")
+    trainer.accelerator.end_training()  # leaves the process group (torchrun) before exit, as accelerate asks
     return 0
