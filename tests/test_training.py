@@ -313,7 +313,7 @@ def test_bad_config_and_data():
 
 
 SCRIPT = """
-import sys, torch
+import os, sys, torch
 from scorekit import VPSDE, ScoreModel
 from scorekit.nets import MLP
 from scorekit.losses import make_dsm_loss
@@ -327,7 +327,11 @@ flat = torch.cat([p.detach().flatten() for p in tr.unwrapped.parameters()])
 gathered = tr.accelerator.gather(flat[None])
 if tr.is_main:
     print("WORLD", tr.accelerator.num_processes, "MAXDIFF", (gathered - gathered[0]).abs().max().item())
-tr.accelerator.end_training()  # leave the process group before exit (else gloo's threads may abort at teardown)
+tr.accelerator.end_training()
+# skip interpreter finalization: on a loaded machine gloo's C++ threads can still abort it ("terminate called
+# without an active exception", SIGABRT) after the group is destroyed (about 1 run in 10 here; pytorch#179291
+# discusses it); what this test checks is all done and flushed by now
+sys.stdout.flush(); os._exit(0)
 """
 
 
