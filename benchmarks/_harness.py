@@ -6,7 +6,10 @@ Benchmarks run from the repository root as modules, e.g. ``python -m benchmarks.
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -17,7 +20,8 @@ import torch
 from scorekit import VPSDE, ScoreModel
 from scorekit.checkpoint import atomic_path
 
-__all__ = ["RESULTS", "CACHE", "describe_teacher", "gen", "seed_all", "timer", "best_time", "fmt", "markdown_table", "write_results",
+__all__ = ["RESULTS", "CACHE", "describe_teacher", "gen", "seed_all", "timer", "best_time", "child_result", "fmt",
+           "markdown_table", "write_results",
            "digits_teacher", "DIGITS_UNET"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -54,6 +58,14 @@ def best_time(fn: Callable[[], object], repeats: int = 3) -> tuple[object, float
         out = fn()
         best = min(best, time.perf_counter() - start)
     return out, best
+
+
+def child_result(module: str, *args: str) -> dict:
+    """Run ``python -m <module> --child ...`` in a fresh process (from the repository root) and return the JSON
+    object its last line of output prints: a measurement that nothing earlier in this process can disturb."""
+    out = subprocess.run([sys.executable, "-m", module, "--child", *args], capture_output=True, text=True, check=True,
+                         cwd=RESULTS.parents[1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def fmt(v: float | None, digits: int = 4) -> str:

@@ -30,7 +30,6 @@ import copy
 import json
 import math
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._harness import RESULTS, fmt, gen, markdown_table, seed_all, write_results
+from ._harness import RESULTS, child_result, fmt, gen, markdown_table, seed_all, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -165,14 +164,13 @@ def in_processes(cases: list[str], args: list[str], rounds: int) -> dict[str, li
     A fresh process per run because the timing of these loops depends on the state of the C heap: in one
     process the allocator's heuristics settle (or do not) into trimming and re-faulting the network's
     activations, so two loops doing the same tensor work differ by tens of thousands of minor page faults
-    per run depending on what ran before them. Each contender gets its own fresh heaps, the fastest counts.
+    per run depending on what ran before them. Each contender gets its own fresh heaps; the rows pair the
+    processes of one round and report the median of those ratios.
     """
     runs: dict[str, list[dict]] = {case: [] for case in cases}
     for r in range(rounds):
         for case in cases[r % len(cases):] + cases[: r % len(cases)]:
-            out = subprocess.run([sys.executable, "-m", "benchmarks.overhead", "--child", case, *args],
-                                 capture_output=True, text=True, check=True, cwd=ROOT)
-            runs[case].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            runs[case].append(child_result("benchmarks.overhead", case, *args))
     return runs
 
 

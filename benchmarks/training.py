@@ -20,11 +20,10 @@ import argparse
 import copy
 import json
 import resource
-import subprocess
 import sys
 import time
 
-from ._harness import RESULTS, write_results
+from ._harness import RESULTS, child_result, write_results
 
 VARIANTS = ("bare", "bare+clip+ema", "Trainer")
 
@@ -119,10 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     for variant in VARIANTS:
         runs = []
         for _ in range(args.repeats):
-            cmd = [sys.executable, "-m", "benchmarks.training", "--child", variant, "--net", args.net, "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--batch", str(args.batch), "--device", args.device]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            runs.append(child_result("benchmarks.training", variant, "--net", args.net, "--steps", str(args.steps),
+                                     "--warmup", str(args.warmup), "--batch", str(args.batch), "--device", args.device))
         runs.sort(key=lambda r: r["steps_per_s"])
         rows[variant] = runs[len(runs) // 2]
     base = rows["bare"]["steps_per_s"]
