@@ -145,28 +145,31 @@ def test_accelerate_launch_cpu_runs_one_process_and_says_so(run_dir):
     assert "accelerate launch --multi_gpu --num_processes N" in err
 
 
+@pytest.fixture
+def launch_env(monkeypatch):
+    """An environment without any launcher's process-count variables (torchrun's, accelerate's, MPI's)."""
+    for k in ("WORLD_SIZE", "MASTER_ADDR", "ACCELERATE_USE_CPU", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+
+
 @pytest.mark.parametrize("env, message", [
     ({"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1"}, "started this process alone"),
     ({"ACCELERATE_USE_CPU": "False", "MASTER_ADDR": "127.0.0.1"}, "started this process alone"),
     ({"OMPI_COMM_WORLD_SIZE": "2", "ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1"}, "not from MPI"),
     ({"PMI_SIZE": "4"}, "not from MPI (PMI_SIZE=4)"),
 ])
-def test_a_launch_that_did_not_split_is_named(monkeypatch, env, message):
-    for k in ("WORLD_SIZE", "MASTER_ADDR", "ACCELERATE_USE_CPU", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
-        monkeypatch.delenv(k, raising=False)
+def test_a_launch_that_did_not_split_is_named(monkeypatch, launch_env, env, message):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     with pytest.warns(UserWarning, match=re.escape(message)):
         assert init_processes("cpu").world == 1
 
 
-def test_a_training_run_launched_alone_says_so(monkeypatch):
+def test_a_training_run_launched_alone_says_so(monkeypatch, launch_env):
     """``accelerate launch --cpu --num_processes 2 -m scorekit.cli train`` runs one process: the training loop
     warns with the command that splits; a plain single process stays quiet."""
     from scorekit.training import TrainConfig, Trainer
 
-    for k in ("WORLD_SIZE", "MASTER_ADDR", "ACCELERATE_USE_CPU", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
-        monkeypatch.delenv(k, raising=False)
     make = lambda: Trainer(torch.nn.Linear(1, 1), lambda m, b, g: m(b).mean(), torch.ones(4, 1),  # noqa: E731
                            TrainConfig(steps=1, batch_size=2, progress=False))
     with warnings.catch_warnings():
@@ -184,10 +187,7 @@ def test_a_training_run_launched_alone_says_so(monkeypatch):
     {"WORLD_SIZE": "1", "RANK": "0", "ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1"},  # torchrun, 1 process
     {"PMI_SIZE": "1"},
 ])
-def test_a_single_process_launch_is_quiet(monkeypatch, recwarn, env):
-    for k in ("WORLD_SIZE", "MASTER_ADDR", "ACCELERATE_USE_CPU", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE",
-              "MV2_COMM_WORLD_SIZE"):
-        monkeypatch.delenv(k, raising=False)
+def test_a_single_process_launch_is_quiet(monkeypatch, launch_env, recwarn, env):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     assert init_processes("cpu").world == 1
